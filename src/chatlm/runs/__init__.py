@@ -1,0 +1,1 @@
+"""Reading run directories: sweep summaries now, `chatlm runs ...` tooling later."""

@@ -1,0 +1,1 @@
+"""Runtime services shared by every stage: ranks, devices, run directories, metrics."""

@@ -1,0 +1,61 @@
+"""Shared fixtures: composing configs in-process and running stage apps as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def compose():
+    """compose(stage, overrides) -> DictConfig, through Hydra's compose API on the real conf/."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from chatlm.app import conf_dir
+
+    def _compose(stage: str, overrides: list[str] | None = None, hydra_node: bool = False):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name=stage, overrides=list(overrides or []), return_hydra_config=hydra_node)
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def stage_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(CHATLM_OUTPUT_ROOT=str(tmp_path / "outputs"), CHATLM_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def run_stage(tmp_path):
+    """run_stage('check', 'a=1', ...) -> CompletedProcess of `python -m chatlm.<stage> ...` in tmp_path."""
+
+    def _run(stage: str, *args: str, timeout: float = 180, env: dict | None = None, prefix: list[str] | None = None):
+        cmd = (prefix or [sys.executable, "-m"]) + [f"chatlm.{stage}", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env=env or stage_env(tmp_path), capture_output=True, text=True,
+                              timeout=timeout)
+
+    return _run
+
+
+def run_dirs(root: Path, stage: str) -> list[Path]:
+    """Run directories (those holding run.json) under <root>/<stage>/<date>/."""
+    return sorted(p.parent for p in (root / stage).glob("*/*/run.json"))
+
+
+def load_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
