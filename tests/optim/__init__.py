@@ -1,0 +1,1 @@
+"""Tests of chatlm.optim: MuonAdamW, parameter routing, schedules and depth transfer."""
