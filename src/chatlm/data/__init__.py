@@ -1,0 +1,1 @@
+"""Data: document streams and the packers that turn token documents into training rows."""
