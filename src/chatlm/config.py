@@ -222,6 +222,9 @@ class DataSourceConfig:
     path: Optional[str] = None
     url: Optional[str] = None
     num_shards: int = -1
+    sha256_manifest: Optional[str] = None  # `sha256sum` file of the shards, checked after download
+    download_workers: int = 4             # parallel downloads
+    wait_timeout_s: float = 3600.0        # non-main ranks wait this long for the main rank's shards
 
 
 @dataclass

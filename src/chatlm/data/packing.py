@@ -74,7 +74,10 @@ def _refill(buffer: LengthSortedBuffer, add: Callable[[Iterable], None], target:
     empty = 0
     while refill is not None and len(buffer) < target:
         before = len(buffer)
-        add(refill())  # an exhausted source raises StopIteration through to the caller
+        batch = refill()  # an exhausted source raises StopIteration through to the caller...
+        if batch is None:  # ...or returns None: then pack from what is buffered
+            return
+        add(batch)
         empty = empty + 1 if len(buffer) == before else 0
         if empty >= MAX_EMPTY_REFILLS:
             raise RuntimeError(f"refill() returned no documents {empty} times in a row")

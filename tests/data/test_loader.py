@@ -1,0 +1,121 @@
+"""The pretraining loader: BOS rows, exact resume, rank-disjoint data, epochs, bad state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chatlm.config import TokenizerConfig
+from chatlm.data.loader import PretrainLoader
+from chatlm.data.shards import DataError, list_shards, write_shards
+from chatlm.tokenizer import train_tokenizer
+from tests.tokenizer.conftest import make_corpus
+
+B, T = 3, 32
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(make_corpus(300, seed=1), TokenizerConfig(name="t", vocab_size=400))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tok):
+    # documents tagged with their index so tests can tell them apart after decoding
+    docs = [f"[doc{i:04d}] " + text for i, text in enumerate(make_corpus(240, seed=2))]
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(docs, out, docs_per_row_group=10, row_groups_per_shard=4)  # 6 shards of 40 docs
+    train, val = list_shards(out)
+    return train, val, docs
+
+
+def batches(loader, n):
+    return [tuple(t.clone() for t in loader.next_batch()) for _ in range(n)]
+
+
+def test_batches_are_shifted_bos_rows(tok, shards):
+    train, _, _ = shards
+    loader = PretrainLoader(train, tok, B, T)
+    for x, y in batches(loader, 5):
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == tok.bos_id).all()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_rows_are_document_pieces_in_order(tok, shards):
+    train, _, docs = shards
+    loader = PretrainLoader(train, tok, B, T)
+    encoded = {i: tok.encode(d, prepend=tok.bos_id) for i, d in enumerate(docs)}
+    for _ in range(4):
+        for row in loader.next_rows():
+            # split at BOS: every piece must be a prefix of exactly one document (crops only cut tails)
+            starts = np.flatnonzero(row == tok.bos_id)
+            assert starts[0] == 0
+            for a, b in zip(starts, list(starts[1:]) + [len(row)]):
+                piece = row[a:b].tolist()
+                assert any(e[: len(piece)] == piece for e in encoded.values())
+
+
+def test_resume_gives_the_same_stream(tok, shards):
+    train, _, _ = shards
+    straight = PretrainLoader(train, tok, B, T)
+    reference = batches(straight, 12)
+    first = PretrainLoader(train, tok, B, T)
+    batches(first, 5)
+    state = first.state_dict()
+    resumed = PretrainLoader(train, tok, B, T, state=state)
+    for (x, y), (rx, ry) in zip(reference[5:], batches(resumed, 7)):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_two_ranks_read_disjoint_row_groups(tok, shards):
+    train, _, _ = shards
+    seen = []
+    for rank in (0, 1):
+        loader = PretrainLoader(train, tok, B, T, rank=rank, world_size=2, infinite=False)
+        positions = []
+        original = loader._documents
+
+        def spy(original=original, loader=loader, positions=positions):
+            docs = original()
+            positions.append(loader.position)
+            return docs
+
+        loader._documents = spy
+        list(loader)
+        seen.append(set(positions))
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert {rg for _, rg in seen[0]} == {0, 2} and {rg for _, rg in seen[1]} == {1, 3}
+    assert len(seen[0] | seen[1]) == len(train) * 4  # together they read every row group once
+
+
+def test_epochs_wrap_around(tok, tmp_path):
+    docs = [f"short document number {i} " * 3 for i in range(20)]
+    write_shards(docs, tmp_path, docs_per_row_group=5, row_groups_per_shard=2)
+    train, _ = list_shards(tmp_path)
+    loader = PretrainLoader(train, tok, 2, 64, buffer_size=4)
+    batches(loader, 40)
+    assert loader.epoch > 1 and loader.stats["row_groups_read"] > 6
+
+
+def test_finite_loader_ends(tok, shards):
+    _, val, _ = shards
+    n = sum(1 for _ in PretrainLoader([val], tok, B, T, infinite=False))
+    assert 0 < n < 100
+
+
+def test_state_for_another_rank_or_dataset_is_refused(tok, shards):
+    train, _, _ = shards
+    state = PretrainLoader(train, tok, B, T).state_dict()
+    with pytest.raises(DataError, match="rank 0 of 1, not rank 1 of 2"):
+        PretrainLoader(train, tok, B, T, rank=1, world_size=2, state=state)
+    with pytest.raises(DataError, match="shard set changed"):
+        PretrainLoader(train[:-1], tok, B, T, state=state)
+
+
+def test_too_many_ranks_for_the_data(tok, shards):
+    _, val, _ = shards
+    loader = PretrainLoader([val], tok, B, T, rank=7, world_size=8)
+    with pytest.raises(DataError, match="no row groups"):
+        loader.next_batch()
