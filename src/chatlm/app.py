@@ -218,6 +218,34 @@ def _importable(body: StageBody) -> StageBody:
     return body
 
 
+def _user_error(e: BaseException) -> Optional[str]:
+    """The message of a ChatlmError (also when it was raised on a spawned rank), else None."""
+    from chatlm.errors import ChatlmError
+
+    if isinstance(e, ChatlmError):
+        return str(e)
+    # torch.multiprocessing re-raises a rank's exception as ProcessRaisedException carrying its
+    # formatted traceback; its last line is "<module>.<Class>: <message>".
+    text = str(e).strip().splitlines()
+    if type(e).__name__ == "ProcessRaisedException" and text:
+        last = text[-1]
+        for cls in _chatlm_error_names():
+            if last.startswith(cls + ":"):
+                return last[len(cls) + 1:].strip()
+    return None
+
+
+def _chatlm_error_names() -> list[str]:
+    from chatlm.errors import ChatlmError
+
+    seen, todo = [], [ChatlmError]
+    while todo:
+        cls = todo.pop()
+        seen.append(f"{cls.__module__}.{cls.__qualname__}")
+        todo.extend(cls.__subclasses__())
+    return seen
+
+
 def _remove_unused_run_dir(path: Path) -> None:
     """Hydra creates the run directory before the config can be validated: take it back (and
     its empty parents) when the config is refused, so bad input leaves nothing behind."""
@@ -276,8 +304,14 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
 
         if info.world_size == 1 and (Path(job.run_dir) / "run.json").exists():
             mark_failed_if_running(job.run_dir, e)
-        if not multirun or isinstance(e, KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt):
             raise
+        if not multirun:
+            user_error = _user_error(e)
+            if user_error is None:
+                raise
+            print(f"chatlm {stage}: error: {user_error}\n  (run directory: {job.run_dir})", file=sys.stderr)
+            sys.exit(1)
         # In a sweep, one failed job must not stop the others or skip the sweep summary:
         # the failure is in the job's run.json, and the summary callback fails the sweep at the end.
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}

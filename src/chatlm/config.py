@@ -16,8 +16,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from chatlm.errors import ChatlmError
 
-class ConfigError(ValueError):
+
+class ConfigError(ChatlmError, ValueError):
     """A configuration value that parses but makes no sense. The message names the key."""
 
     def __init__(self, key: str, message: str):
@@ -404,6 +406,22 @@ class CheckConfig(StageConfig):
 
 
 @dataclass
+class TokenizeConfig(StageConfig):
+    """`python -m chatlm.tokenize`: train the BPE tokenizer on the configured data."""
+
+    stage: str = "tokenize"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_docs: int = 200
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_docs < 1:
+            raise ConfigError("eval_docs", f"must be >= 1, got {self.eval_docs}")
+
+
+@dataclass
 class TrainConfig(StageConfig):
     """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
 
@@ -457,6 +475,7 @@ GROUP_SCHEMAS: dict[str, type] = {
 # The root schema of each stage's primary config (conf/<stage>.yaml).
 STAGE_SCHEMAS: dict[str, type] = {
     "check": CheckConfig,
+    "tokenize": TokenizeConfig,
     "train": TrainConfig,
 }
 

@@ -22,13 +22,15 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from chatlm.errors import ChatlmError
+
 SHARD_RE = re.compile(r"^shard_(\d{5,})\.parquet$")
 TEXT_COLUMN = "text"
 
 PathLike = Union[str, os.PathLike]
 
 
-class DataError(RuntimeError):
+class DataError(ChatlmError, RuntimeError):
     """A data problem the user can fix; the message names the file and what to do."""
 
 

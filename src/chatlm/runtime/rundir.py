@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
+from chatlm.errors import ChatlmError
 from chatlm.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("chatlm")
@@ -49,7 +50,7 @@ STATUSES = ("running", "completed", "failed", "preempted")
 HASH_EXCLUDED_KEYS = ("resume", "paths", "logger", "cluster", "hardware", "tags")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(ChatlmError, RuntimeError):
     """The run directory cannot be used as asked (exists with another config, not empty...)."""
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import tiktoken
 
 from chatlm.config import TokenizerConfig
+from chatlm.errors import ChatlmError
 
 RANKS_FILE = "tokenizer.tiktoken"
 META_FILE = "tokenizer.json"
@@ -42,6 +43,10 @@ FORMAT_VERSION = 1
 CREATE_COMMAND = "python -m chatlm.tokenize"
 
 TokenRef = Union[str, int]
+
+
+class TokenizerMissing(ChatlmError, FileNotFoundError):
+    """No tokenizer where one was expected; the message names the command that creates it."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ class Tokenizer:
         src = Path(directory).expanduser()
         missing = [f for f in (RANKS_FILE, META_FILE) if not (src / f).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise TokenizerMissing(
                 f"no tokenizer at {src} (missing {', '.join(missing)}); "
                 f"train one first with `{CREATE_COMMAND}` (it writes this directory)"
             )
