@@ -71,7 +71,7 @@ def test_sweep_presets_declare_grids(compose):
 
 def test_experiments_override_groups(compose):
     q = to_typed(compose("train", ["experiment=quickstart"]))
-    assert (q.model.name, q.hardware.name, q.tokenizer.vocab_size, q.steps) == ("d4", "cpu", 8192, 200)
+    assert (q.model.name, q.hardware.name, q.tokenizer.vocab_size, q.steps) == ("d4", "cpu", 8192, 120)
     s = to_typed(compose("train", ["experiment=speedrun"]))
     assert (s.model.depth, s.precision.fp8, s.target_param_data_ratio, s.hardware.nproc_per_node) == (24, True, 8.0, 8)
 

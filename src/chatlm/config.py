@@ -442,7 +442,10 @@ class TrainConfig(StageConfig):
     core_metric_max_per_task: int = 500
     sample_every: int = 2000
     save_every: int = -1
+    keep_checkpoints: int = -1
     init_from: Optional[str] = None
+    auto_tokenizer: bool = False
+    stop_at_step: int = -1
 
     def __post_init__(self) -> None:
         super().__post_init__()

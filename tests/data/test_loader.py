@@ -69,6 +69,16 @@ def test_resume_gives_the_same_stream(tok, shards):
         assert torch.equal(x, rx) and torch.equal(y, ry)
 
 
+def test_resume_with_the_prefetched_batch(tok, shards):
+    train, _, _ = shards
+    reference = batches(PretrainLoader(train, tok, B, T), 6)
+    first = PretrainLoader(train, tok, B, T)
+    batches(first, 3)  # the third batch is "held" by a loop that prefetches
+    resumed = PretrainLoader(train, tok, B, T, state=first.state_dict(include_last_batch=True))
+    for (x, y), (rx, ry) in zip(reference[2:], batches(resumed, 4)):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
 def test_two_ranks_read_disjoint_row_groups(tok, shards):
     train, _, _ = shards
     seen = []

@@ -50,6 +50,8 @@ class PretrainLoader:
         self.packer = BestFitPacker(bos_id=tokenizer.bos_id, buffer_size=buffer_size)
         self.position: Optional[tuple[int, int]] = None  # last (file, row group) consumed
         self._exhausted = False  # a finite loader has read everything
+        self._pending: Optional[np.ndarray] = None  # rows to hand out before packing new ones (resume)
+        self._last_rows: Optional[np.ndarray] = None
         self.epoch = 1
         self.row_groups_read = 0
         if state is not None:
@@ -94,6 +96,11 @@ class PretrainLoader:
     def next_rows(self) -> np.ndarray:
         """The next (B, T+1) block of packed rows (host memory)."""
         rows = self._rows[self._slot]
+        if self._pending is not None:
+            rows[:] = self._pending
+            self._pending = None
+            self._last_rows = rows
+            return rows
         for b in range(self.B):
             try:
                 self.packer.pack_row(self.T + 1, refill=self._documents, out=rows[b])
@@ -101,6 +108,7 @@ class PretrainLoader:
                 if not self._exhausted:
                     raise
                 raise StopIteration from None  # a finite loader ran out: the partial batch is dropped
+        self._last_rows = rows
         return rows
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +140,17 @@ class PretrainLoader:
 
     # -- resuming ------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self, include_last_batch: bool = False) -> dict:
+        """Where the stream is. With `include_last_batch` the most recent batch is stored too and is
+        handed out again first after loading: a training loop that prefetches its next batch saves
+        the state as of *before* that prefetch, so a resumed run sees that batch."""
+        pending = self._pending
+        if include_last_batch and self._last_rows is not None:
+            pending = self._last_rows
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "files": [f.name for f in self.files], "position": self.position, "epoch": self.epoch,
-                "row_groups_read": self.row_groups_read, "packer": self.packer.state_dict()}
+                "row_groups_read": self.row_groups_read, "packer": self.packer.state_dict(),
+                "pending_rows": None if pending is None else pending.copy()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -151,6 +166,8 @@ class PretrainLoader:
         self.epoch = int(state["epoch"])
         self.row_groups_read = int(state["row_groups_read"])
         self.packer.load_state_dict(state["packer"])
+        pending = state.get("pending_rows")
+        self._pending = None if pending is None else np.asarray(pending, dtype=np.int32).reshape(self.B, self.T + 1)
         self._row_groups = None
 
     @property

@@ -47,14 +47,14 @@ STATUSES = ("running", "completed", "failed", "preempted")
 
 # Keys that say where or how a run executes, not what it computes: they may change between a
 # run and its resumption (another node count, another output root, wandb on or off).
-HASH_EXCLUDED_KEYS = ("resume", "paths", "logger", "cluster", "hardware", "tags")
+HASH_EXCLUDED_KEYS = ("resume", "paths", "logger", "cluster", "hardware", "tags", "stop_at_step")
 
 
 class RunDirError(ChatlmError, RuntimeError):
     """The run directory cannot be used as asked (exists with another config, not empty...)."""
 
 
-class Preempted(Exception):
+class Preempted(ChatlmError):
     """Raised by a stage when it stops early to be requeued (Slurm preemption/timeout)."""
 
 
@@ -238,6 +238,7 @@ class Run:
         self.ctx = ctx  # chatlm.runtime.dist.DistContext on live runs (None in tools/tests)
         self.metrics: Optional[MetricsWriter] = None
         self.final_metrics: dict[str, Any] = {}
+        self.resolved: dict[str, Any] = {}  # the resolved config (set on live runs)
         self.resumed = False
         self._log_handler: Optional[logging.Handler] = None
 
@@ -420,6 +421,7 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
     from chatlm.runtime.device import DevicePolicy
 
     run = Run(Path(job.run_dir), ctx.rank, ctx.world_size, ctx)
+    run.resolved = resolved
     policy = DevicePolicy.create(cfg.hardware, cfg.precision, ctx.device)
     run.policy = policy  # type: ignore[attr-defined]
     error: Optional[str] = None

@@ -1,0 +1,407 @@
+"""`python -m chatlm.train`: pretrain a base model with nanochat's recipe (its base_train).
+
+Reading order: `plan_run` derives every number the run needs from the config (width, batch size,
+learning-rate and weight-decay transfer, horizon); `train` builds the tokenizer, data, model and
+optimizer, then runs the loop: periodic validation bits-per-byte, samples and checkpoints, and one
+optimizer step per iteration with gradient accumulation. Everything a run produces goes into its
+run directory (chatlm.runtime.rundir).
+
+Resuming: with `resume=auto` (the default) a run directory that already has checkpoints continues
+from `checkpoints/latest`, exactly: model, optimizer, data loader position and RNG are restored, so
+the losses match an uninterrupted run (bitwise on CPU). SIGTERM / SIGUSR1 (Slurm preemption and
+time limits) write a checkpoint at the end of the current step and stop with status `preempted`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+
+from chatlm.app import run_stage
+from chatlm.config import ConfigError, ModelConfig, TrainConfig
+from chatlm.data.loader import PretrainLoader
+from chatlm.data.shards import list_shards
+from chatlm.data.sources import prepare_source
+from chatlm.errors import ChatlmError
+from chatlm.model import GPT, select_backend
+from chatlm.optim import build_optimizer, depth_transfer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
+from chatlm.optim.loss_scale import LossScaler
+from chatlm.runtime import checkpoint as ckpt
+from chatlm.runtime.flops import mfu, peak_flops
+from chatlm.runtime.rundir import Preempted, Run, config_hash
+from chatlm.runtime.sinks import ProgressReporter, open_sinks
+from chatlm.tokenizer import Tokenizer
+
+log = logging.getLogger("chatlm")
+
+
+class NonFiniteLoss(ChatlmError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------
+# planning: every derived number, before anything is allocated
+
+
+@dataclass(frozen=True)
+class Plan:
+    vocab_size: int
+    n_embd: int
+    n_head: int
+    n_layer: int
+    windows: tuple[int, ...]
+    params: dict
+    scaling_params: int
+    flops_per_token: int
+    ref_scaling_params: int
+    target_tokens: int
+    total_batch_size: int
+    batch_lr_scale: float
+    muon_weight_decay: float
+    num_iterations: int
+    device_batch_size: int
+    seq_len: int
+    world_size: int
+    grad_accum: int
+    total_tokens: int
+    total_flops: float
+    tokens_per_param: float
+
+
+def _meta_model(model_cfg: ModelConfig, vocab_size: int) -> GPT:
+    with torch.device("meta"):
+        return GPT(model_cfg, vocab_size, torch.float32, "sdpa")
+
+
+def plan_run(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
+    """Sizes, batch, LR/WD transfer and horizon (nanochat §3.2-3.3), from the config alone."""
+    model = _meta_model(cfg.model, vocab_size)
+    ref_cfg = replace(cfg.model, depth=cfg.optim.reference_depth, backout_layer=None)
+    ref = _meta_model(ref_cfg, vocab_size)
+    transfer = depth_transfer(
+        model.num_scaling_params(), ref.num_scaling_params(), cfg.target_param_data_ratio,
+        cfg.optim.weight_decay, cfg.total_batch_size, cfg.optim.reference_batch_tokens,
+        cfg.optim.batch_size_exponent, cfg.steps, cfg.target_flops, model.flops_per_token())
+    B, T = cfg.hardware.device_batch_size, cfg.model.sequence_len
+    micro = B * T * world_size
+    if transfer.batch_tokens % micro:
+        raise ConfigError("total_batch_size",
+                          f"{transfer.batch_tokens:,} tokens per step is not a multiple of device_batch_size x "
+                          f"sequence_len x world_size = {B} x {T} x {world_size} = {micro:,}; change "
+                          f"total_batch_size or hardware.device_batch_size")
+    if transfer.num_iterations < 1:
+        raise ConfigError("steps", f"the derived horizon is {transfer.num_iterations} steps; set steps explicitly")
+    d = model.dims
+    total_tokens = transfer.num_iterations * transfer.batch_tokens
+    return Plan(
+        vocab_size=vocab_size, n_embd=d.n_embd, n_head=d.n_head, n_layer=d.n_layer, windows=tuple(d.windows),
+        params=model.num_params(), scaling_params=model.num_scaling_params(),
+        flops_per_token=model.flops_per_token(), ref_scaling_params=ref.num_scaling_params(),
+        target_tokens=transfer.target_tokens, total_batch_size=transfer.batch_tokens,
+        batch_lr_scale=transfer.batch_lr_scale, muon_weight_decay=transfer.weight_decay,
+        num_iterations=transfer.num_iterations, device_batch_size=B, seq_len=T, world_size=world_size,
+        grad_accum=transfer.batch_tokens // micro, total_tokens=total_tokens,
+        total_flops=float(model.flops_per_token()) * total_tokens,
+        tokens_per_param=total_tokens / model.num_scaling_params(),
+    )
+
+
+def due(step: int, every: int, last: bool, at_start: bool = False) -> bool:
+    """Periodic work: at multiples of `every` (> 0), at the end, and at step 0 only if `at_start`."""
+    return last or (every > 0 and (step > 0 or at_start) and step % every == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def tokenizer_dir(cfg: TrainConfig) -> Path:
+    base = cfg.tokenizer.dir or os.path.join(cfg.paths.tokenizer_dir, cfg.tokenizer.name)
+    return Path(os.path.expanduser(base)).absolute()
+
+
+def load_or_train_tokenizer(cfg: TrainConfig, run: Run, shard_dirs: list[Path]) -> Tokenizer:
+    """The configured tokenizer; trained here first (main rank) when `auto_tokenizer` is set."""
+    ctx = run.ctx
+    path = tokenizer_dir(cfg)
+    if not (path / "tokenizer.json").exists() and cfg.auto_tokenizer:
+        if ctx.is_main:
+            from chatlm.tokenize import training_texts
+            from chatlm.tokenizer import train_tokenizer
+
+            log.info("no tokenizer at %s: training %s (vocab %d) on the train shards first (auto_tokenizer=true)",
+                     path, cfg.tokenizer.name, cfg.tokenizer.vocab_size)
+            sets = [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, cfg.data.sources)]
+            tok = train_tokenizer(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
+            tok.save(path)
+        ctx.barrier()
+    return Tokenizer.load(path)
+
+
+def data_dirs(cfg: TrainConfig, run: Run) -> list[Path]:
+    ctx = run.ctx
+    dirs = []
+    for source in cfg.data.sources:
+        dirs.append(prepare_source(source, cfg.paths, rank_is_main=ctx.is_main, wait_for=ctx.barrier))
+        if ctx.is_main:
+            ctx.barrier()  # the other ranks wait in prepare_source until the main rank is done
+    return dirs
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGUSR1 into a flag checked once per step (all ranks agree via all_reduce)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, ctx: Any) -> bool:
+        flag = self.signum is not None
+        if ctx.distributed:
+            t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+            tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: TrainConfig, run: Run) -> dict:
+    ctx, policy = run.ctx, run.policy  # type: ignore[attr-defined]
+    device, dtype = ctx.device, policy.compute_dtype
+    if cfg.data.sources and len(cfg.data.sources) > 1:
+        raise ChatlmError("data mixtures of several sources are not supported by the pretraining loader yet; "
+                          "use a single-source data config")
+
+    # --- tokenizer, data, plan
+    shard_dirs = data_dirs(cfg, run)
+    tok = load_or_train_tokenizer(cfg, run, shard_dirs)
+    train_files, val_file = list_shards(shard_dirs[0])
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
+        raise ConfigError("model.vocab_size", f"is {cfg.model.vocab_size} but the tokenizer has {tok.vocab_size} ids")
+    plan = plan_run(cfg, tok.vocab_size, ctx.world_size)
+    run.record_derived(**asdict(plan), tokenizer_dir=str(tokenizer_dir(cfg)))
+    N, B, T, accum = plan.num_iterations, plan.device_batch_size, plan.seq_len, plan.grad_accum
+    log.info("model d%d: width %d, %d heads, windows %s | %s params (%s scaling) | %.3g FLOPs/token",
+             plan.n_layer, plan.n_embd, plan.n_head, "".join("L" if w >= T else "S" for w in plan.windows),
+             f"{plan.params['total']:,}", f"{plan.scaling_params:,}", plan.flops_per_token)
+    log.info("batch %s tokens/step (LR x%.3f, Muon WD %.4f) = %d x %d x %d ranks x %d accumulation | %d steps | "
+             "%s tokens (%.1f tokens/param) | %.3g FLOPs", f"{plan.total_batch_size:,}", plan.batch_lr_scale,
+             plan.muon_weight_decay, B, T, ctx.world_size, accum, N, f"{plan.total_tokens:,}",
+             plan.tokens_per_param, plan.total_flops)
+
+    # --- model and optimizer (identical init on every rank: same seed, no broadcast needed)
+    backend = select_backend(cfg.model.attention_backend, device, dtype)
+    with torch.device("meta"):
+        model = GPT(cfg.model, tok.vocab_size, dtype, backend)
+    model.to_empty(device=device)
+    model.init_weights()
+    log.info("attention backend: %s | compute dtype %s (%s) | compile %s", backend, policy.dtype_name,
+             policy.dtype_reason, policy.compile)
+    train_model = policy.maybe_compile(model, dynamic=False)
+    optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
+                                compute_dtype=dtype, compile=policy.compile)
+    scaler = LossScaler(enabled=dtype == torch.float16)
+    token_bytes = tok.token_bytes_tensor(device)
+
+    # --- resume / init_from
+    step, loop = 0, {"min_val_bpb": float("inf"), "smooth_loss": 0.0, "train_time": 0.0}
+    loader_state = None
+    found = None
+    if cfg.resume == "auto":
+        found = ckpt.latest_checkpoint(run.path)
+    elif cfg.resume not in ("auto", "never"):
+        found = ckpt.find_checkpoint(cfg.resume)
+    if found is not None:
+        state = ckpt.load_checkpoint(found, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_full_state_dict(state["optim"])
+        meta = state["meta"]
+        step, loop = int(meta["step"]), dict(meta["loop"])
+        scaler.load_state_dict(meta.get("loss_scale", scaler.state_dict()))
+        if meta["world_size"] == ctx.world_size:
+            loader_state = state["loader"][ctx.rank]
+            ckpt.restore_rng_state(state["rng"][ctx.rank])
+        else:
+            log.warning("checkpoint written by %d ranks, resuming on %d: the data stream restarts from the "
+                        "first shard (model and optimizer resume exactly)", meta["world_size"], ctx.world_size)
+        log.info("resumed from %s at step %d", found, step)
+    elif cfg.init_from:
+        state = ckpt.load_checkpoint(ckpt.find_checkpoint(cfg.init_from), map_location=device)
+        model.load_state_dict(state["model"])
+        log.info("initialized weights from %s", state["path"])
+
+    loader = PretrainLoader(train_files, tok, B, T, rank=ctx.rank, world_size=ctx.world_size, device=device,
+                            buffer_size=cfg.data.doc_buffer, threads=cfg.data.tokenizer_threads, state=loader_state)
+    eval_steps = max(1, cfg.eval_tokens // (B * T * ctx.world_size))
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
+    sweep = (run.record().get("sweep") or {}) if ctx.is_main else {}
+    group = Path(sweep["dir"]).name if sweep.get("dir") else None  # one wandb group per sweep
+    sinks = open_sinks(cfg.logger, run.path, run.resolved, cfg.run_name, group=group, is_main=ctx.is_main,
+                       resume_step=step if found is not None else None)
+    progress = ProgressReporter(N, is_main=ctx.is_main)
+    start_step = step
+
+    def save(at: int) -> None:
+        optim_state = optimizer.full_state_dict()  # collective
+        loaders = ctx.all_gather_object(loader.state_dict(include_last_batch=True))  # (x, y) is prefetched
+        rngs = ctx.all_gather_object(ckpt.capture_rng_state())
+        if ctx.is_main:
+            meta = {"step": at, "world_size": ctx.world_size, "config_hash": config_hash(run.resolved),
+                    "model_config": asdict(cfg.model), "vocab_size": tok.vocab_size, "plan": asdict(plan),
+                    "loop": loop, "loss_scale": scaler.state_dict()}
+            path = ckpt.save_checkpoint(run.path, at, model_state=model.state_dict(), optim_state=optim_state,
+                                        loader_states=loaders, rng_states=rngs, meta=meta,
+                                        keep_last=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None)
+            log.info("checkpoint: %s", path)
+        ctx.barrier()
+
+    def evaluate_val(at: int) -> float:
+        from chatlm.evals.bpb import evaluate_bpb
+
+        val = PretrainLoader([val_file], tok, B, T, rank=ctx.rank, world_size=ctx.world_size, device=device,
+                             buffer_size=cfg.data.doc_buffer, threads=cfg.data.tokenizer_threads, infinite=False)
+        bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
+        loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
+        run.log_metrics(step=at, tokens=at * plan.total_batch_size, val_bpb=bpb)
+        sinks.log({"val/bpb": bpb}, step=at)
+        log.info("step %d | val bpb %.4f", at, bpb)
+        return bpb
+
+    def write_samples(at: int) -> None:
+        if not ctx.is_main:
+            return
+        from chatlm.engine.generate import SAMPLE_PROMPTS, sample_texts
+
+        texts = sample_texts(model, tok, SAMPLE_PROMPTS, max_new_tokens=16)
+        lines = [f"{p!r} -> {t!r}" for p, t in zip(SAMPLE_PROMPTS, texts)]
+        (run.path / "samples").mkdir(exist_ok=True)
+        (run.path / "samples" / f"step_{at:06d}.txt").write_text("\n".join(lines) + "\n")
+        log.info("samples at step %d:\n  %s", at, "\n  ".join(lines))
+
+    # --- the loop
+    exit_code = 1
+    try:
+        x, y = loader.next_batch()
+        val_bpb = float("nan")
+        last_loss = float("nan")
+        params = [p for p in model.parameters()]
+        with StopSignal() as stop:
+            while True:
+                last = step == N
+                if due(step, cfg.eval_every, last, at_start=True):  # nanochat evaluates the fresh model too
+                    val_bpb = evaluate_val(step)
+                if due(step, cfg.sample_every, last):
+                    write_samples(step)
+                if last:
+                    if step > start_step or found is None:  # (a finished run that is re-run saves nothing new)
+                        save(step)
+                    break
+                if cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0:
+                    save(step)
+
+                # one optimizer step: accum micro-batches, gradients synced inside optimizer.step()
+                t0 = time.perf_counter()
+                for _ in range(accum):
+                    loss = train_model(x, y)
+                    scaler.scale_loss(loss / accum).backward()
+                    x, y = loader.next_batch()  # host work overlaps the queued device work
+                lrm = lr_multiplier_from_config(cfg.schedule, step, N)
+                optimizer.set_hyperparameters(
+                    lrm,
+                    muon_momentum(step, N, cfg.schedule.warmdown_ratio, cfg.optim.momentum_start, cfg.optim.momentum,
+                                  cfg.optim.momentum_warmup_steps, cfg.optim.momentum_end),
+                    muon_weight_decay(step, N, plan.muon_weight_decay))
+                finite_grads = scaler.unscale_and_check(params)
+                last_loss = loss.detach().item()  # the one host sync of the step
+                if not math.isfinite(last_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    save(step)
+                    raise NonFiniteLoss(f"loss is {last_loss} at step {step}; the checkpoint of step {step} holds the "
+                                        f"last good weights ({run.path / 'checkpoints' / 'latest'})")
+                if finite_grads:
+                    optimizer.step()
+                scaler.update(finite_grads)
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                dt = time.perf_counter() - t0
+                step += 1
+
+                if step == start_step + 1:  # nanochat: GC scans cost ~500 ms; freeze after warm-up
+                    gc.collect()
+                    gc.freeze()
+                    gc.disable()
+                elif step % 5000 == 0:
+                    gc.collect()
+                if step > start_step + 10 or N - start_step <= 10:
+                    loop["train_time"] += dt
+                beta = 0.9
+                loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * last_loss
+                smooth = loop["smooth_loss"] / (1 - beta ** step)
+                tok_s = plan.total_batch_size / dt
+                util = mfu(plan.flops_per_token, tok_s, peak, ctx.world_size)
+                if step % cfg.log_every == 0 or step == N:
+                    row = {"step": step, "tokens": step * plan.total_batch_size, "loss": last_loss, "smooth_loss": smooth,
+                           "lrm": lrm, "dt_ms": 1000 * dt, "tok_per_s": tok_s, "mfu": util,
+                           "train_time_s": loop["train_time"]}
+                    if device.type == "cuda":
+                        row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if dtype == torch.float16:
+                        row["loss_scale"] = scaler.scale
+                    run.log_metrics(**row)
+                    sinks.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+                progress.update(step, loss=smooth, lrm=lrm, dt_ms=1000 * dt, tok_per_s=tok_s, mfu=util)
+
+                if stop.agreed(ctx) or step == cfg.stop_at_step:
+                    save(step)
+                    why = f"signal {stop.signum}" if stop.signum else f"stop_at_step={cfg.stop_at_step}"
+                    raise Preempted(f"stopped by {why} after step {step} with a checkpoint; run the same command "
+                                    f"again with hydra.run.dir={run.path} (resume=auto) to continue")
+        final = {"steps": N, "tokens": N * plan.total_batch_size, "val_bpb": val_bpb,
+                 "min_val_bpb": loop["min_val_bpb"], "train_loss": last_loss,
+                 "train_time_s": round(loop["train_time"], 3)}
+        if device.type == "cuda":
+            final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        sinks.summary(final)
+        exit_code = 0
+        return final
+    finally:
+        gc.enable()
+        progress.close()
+        sinks.close(exit_code=exit_code)
+
+
+def main() -> None:
+    run_stage("train", train)
+
+
+if __name__ == "__main__":
+    main()
