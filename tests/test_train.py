@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 import signal
 import subprocess
@@ -171,3 +172,33 @@ def test_bad_input(tmp_path, run_stage, env):
     assert r.returncode != 0 and "total_batch_size" in r.stderr and "Traceback" not in r.stderr
     r = run_stage("train", *SMOKE, "auto_tokenizer=false", "tokenizer.name=nope", env=env)
     assert r.returncode != 0 and "python -m chatlm.tokenize" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_non_finite_loss_stops_with_the_last_good_weights(tmp_path, run_stage, env):
+    # no softcap and an absurd lm_head LR: the logits overflow within two steps
+    r = train(run_stage, env, "steps=6", "save_every=1", "model.softcap=0", "optim.unembedding_lr=1e30",
+              "optim.reference_batch_tokens=512", "schedule.warmup_steps=0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    # caught either as a nan loss or, earlier, as inf/nan weights when checkpointing after the update
+    assert "loss is nan at step" in r.stderr or "weights hold inf/nan at step" in r.stderr
+    (d,) = run_dirs(tmp_path / "outputs", "train")
+    rec = load_record(d)
+    assert rec["status"] == "failed" and rec["error"]["type"] == "NonFiniteLoss"
+    from chatlm.runtime.checkpoint import load_checkpoint
+
+    good = load_checkpoint(d, parts=("model",))  # what `latest` points to: the last good state
+    step = int(re.search(r"at step (\d+)", rec["error"]["message"]).group(1))
+    assert 1 <= int(good["meta"]["step"]) <= step
+    assert all(bool(t.isfinite().all()) for t in good["model"].values())
+
+
+def test_local_sweep_of_a_tiny_model_writes_the_summary(tmp_path, run_stage, env):
+    r = run_stage("train", "-m", *SMOKE, "steps=2", "seed=0,1", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "sweeps" / "train").glob("*/*")
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert len(rows) == 3 and "val_bpb" in header
+    by_job = {row.split(",")[0]: dict(zip(header, row.split(","))) for row in rows[1:]}
+    assert by_job["0"]["status"] == "completed" and by_job["0"]["overrides"].endswith("seed=0")
+    assert float(by_job["1"]["val_bpb"]) > 0 and by_job["0"]["val_bpb"] != by_job["1"]["val_bpb"]

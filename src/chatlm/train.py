@@ -270,6 +270,9 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     start_step = step
 
     def save(at: int) -> None:
+        if not weights_finite():  # never let a checkpoint replace the last good one with inf/nan weights
+            raise NonFiniteLoss(f"the weights hold inf/nan at step {at} (an update overflowed); nothing was "
+                                f"saved; {last_good()}")
         optim_state = optimizer.full_state_dict()  # collective
         loaders = ctx.all_gather_object(loader.state_dict(include_last_batch=True))  # (x, y) is prefetched
         rngs = ctx.all_gather_object(ckpt.capture_rng_state())
@@ -282,6 +285,24 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                                         keep_last=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None)
             log.info("checkpoint: %s", path)
         ctx.barrier()
+
+    def weights_finite() -> bool:
+        finite = torch.tensor([float(all(bool(p.isfinite().all()) for p in model.parameters()))], device=device)
+        if ctx.distributed:
+            tdist.all_reduce(finite, op=tdist.ReduceOp.MIN)
+        return finite.item() == 1.0
+
+    def last_good() -> str:
+        good = ckpt.latest_checkpoint(run.path)
+        return f"the last good checkpoint is {good}" if good is not None else "no earlier checkpoint exists"
+
+    def save_if_finite(at: int) -> str:
+        """After a non-finite loss: checkpoint the weights if they are still finite, and say where
+        the last good state is."""
+        if weights_finite():
+            save(at)
+            return f"the weights before this step are finite and saved as checkpoints/step_{at:06d}"
+        return f"the weights already hold inf/nan (an update overflowed), so nothing was saved; {last_good()}"
 
     def evaluate_val(at: int) -> float:
         from chatlm.evals.bpb import evaluate_bpb
@@ -343,9 +364,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                 last_loss = loss.detach().item()  # the one host sync of the step
                 if not math.isfinite(last_loss):
                     optimizer.zero_grad(set_to_none=True)
-                    save(step)
-                    raise NonFiniteLoss(f"loss is {last_loss} at step {step}; the checkpoint of step {step} holds the "
-                                        f"last good weights ({run.path / 'checkpoints' / 'latest'})")
+                    raise NonFiniteLoss(f"loss is {last_loss} at step {step}; " + save_if_finite(step))
                 if finite_grads:
                     optimizer.step()
                 scaler.update(finite_grads)
