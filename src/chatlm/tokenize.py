@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 from chatlm.app import run_stage
-from chatlm.config import PathsConfig, TokenizeConfig, TokenizerConfig
+from chatlm.config import TokenizeConfig
 from chatlm.errors import ChatlmError
 from chatlm.data.shards import iter_documents, list_shards
 from chatlm.data.sources import prepare_source
 from chatlm.runtime.rundir import Run
-from chatlm.tokenizer import Tokenizer, compression_report, reference_encoding, train_tokenizer
+from chatlm.tokenizer import Tokenizer, compression_report, reference_encoding, tokenizer_dir, train_tokenizer
 
 log = logging.getLogger("chatlm")
 
@@ -35,12 +34,6 @@ class _TenPercentSteps(logging.Filter):
         if message.startswith("Progress: ") and "%" in message:
             return message.split("%", 1)[0].removeprefix("Progress: ").strip().endswith("0")
         return True
-
-
-def tokenizer_dir(tokenizer: TokenizerConfig, paths: PathsConfig) -> Path:
-    """Where the tokenizer called `tokenizer.name` lives (`tokenizer.dir` overrides)."""
-    base = tokenizer.dir or os.path.join(paths.tokenizer_dir, tokenizer.name)
-    return Path(os.path.expanduser(base)).absolute()
 
 
 def training_texts(shard_sets: list[tuple[list[Path], float]], max_chars: int) -> Iterator[str]:

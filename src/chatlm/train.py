@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,7 +39,7 @@ from chatlm.runtime import checkpoint as ckpt
 from chatlm.runtime.flops import mfu, peak_flops
 from chatlm.runtime.rundir import Preempted, Run, config_hash
 from chatlm.runtime.sinks import ProgressReporter, open_sinks
-from chatlm.tokenizer import Tokenizer
+from chatlm.tokenizer import Tokenizer, tokenizer_dir
 
 log = logging.getLogger("chatlm")
 
@@ -125,15 +124,10 @@ def due(step: int, every: int, last: bool, at_start: bool = False) -> bool:
 # set-up helpers
 
 
-def tokenizer_dir(cfg: TrainConfig) -> Path:
-    base = cfg.tokenizer.dir or os.path.join(cfg.paths.tokenizer_dir, cfg.tokenizer.name)
-    return Path(os.path.expanduser(base)).absolute()
-
-
 def load_or_train_tokenizer(cfg: TrainConfig, run: Run, shard_dirs: list[Path]) -> Tokenizer:
     """The configured tokenizer; trained here first (main rank) when `auto_tokenizer` is set."""
     ctx = run.ctx
-    path = tokenizer_dir(cfg)
+    path = tokenizer_dir(cfg.tokenizer, cfg.paths)
     if not (path / "tokenizer.json").exists() and cfg.auto_tokenizer:
         if ctx.is_main:
             from chatlm.tokenize import training_texts
@@ -207,7 +201,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
         raise ConfigError("model.vocab_size", f"is {cfg.model.vocab_size} but the tokenizer has {tok.vocab_size} ids")
     plan = plan_run(cfg, tok.vocab_size, ctx.world_size)
-    run.record_derived(**asdict(plan), tokenizer_dir=str(tokenizer_dir(cfg)))
+    run.record_derived(**asdict(plan), tokenizer_dir=str(tokenizer_dir(cfg.tokenizer, cfg.paths)))
     N, B, T, accum = plan.num_iterations, plan.device_batch_size, plan.seq_len, plan.grad_accum
     log.info("model d%d: width %d, %d heads, windows %s | %s params (%s scaling) | %.3g FLOPs/token",
              plan.n_layer, plan.n_embd, plan.n_head, "".join("L" if w >= T else "S" for w in plan.windows),

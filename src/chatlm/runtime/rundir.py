@@ -27,11 +27,10 @@ import platform
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 

@@ -11,6 +11,7 @@ from chatlm.tokenizer.bpe import (
     compression_report,
     read_tiktoken_ranks,
     reference_encoding,
+    tokenizer_dir,
     train_tokenizer,
 )
 from chatlm.tokenizer.chat_format import render_conversation, render_for_completion
@@ -24,5 +25,6 @@ __all__ = [
     "reference_encoding",
     "render_conversation",
     "render_for_completion",
+    "tokenizer_dir",
     "train_tokenizer",
 ]

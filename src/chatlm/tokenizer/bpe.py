@@ -45,6 +45,13 @@ CREATE_COMMAND = "python -m chatlm.tokenize"
 TokenRef = Union[str, int]
 
 
+def tokenizer_dir(tokenizer_cfg: TokenizerConfig, paths_cfg: Any) -> Path:
+    """Where the tokenizer named `tokenizer_cfg.name` lives: `<paths.tokenizer_dir>/<name>`, unless
+    `tokenizer.dir` says otherwise."""
+    base = tokenizer_cfg.dir or os.path.join(paths_cfg.tokenizer_dir, tokenizer_cfg.name)
+    return Path(os.path.expanduser(base)).absolute()
+
+
 class TokenizerMissing(ChatlmError, FileNotFoundError):
     """No tokenizer where one was expected; the message names the command that creates it."""
 
