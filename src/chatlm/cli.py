@@ -3,6 +3,7 @@
     chatlm --version
     chatlm groups [GROUP]               config groups and their options (from conf/)
     chatlm runs summarize SWEEP_DIR     (re)write a sweep's summary.csv / summary.md
+    chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
 """
@@ -46,6 +47,19 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0 if all(r["status"] == "completed" for r in rows) else 1
 
 
+def _convert_nanochat(args: argparse.Namespace) -> int:
+    from chatlm.errors import ChatlmError
+    from chatlm.model.nanochat_import import import_nanochat
+
+    try:
+        path = import_nanochat(args.checkpoint_dir, args.out, step=args.step)
+    except ChatlmError as e:
+        print(f"chatlm convert nanochat: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="chatlm command-line tools")
     parser.add_argument("--version", action="version", version=f"chatlm {__version__}")
@@ -58,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = runs_sub.add_parser("summarize", help="(re)write summary.csv/summary.md of a sweep directory")
     s.add_argument("sweep_dir")
     s.set_defaults(func=_summarize)
+    conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")
+    conv_sub = conv.add_subparsers(dest="convert_command", required=True)
+    n = conv_sub.add_parser("nanochat", help="import a nanochat checkpoint (model_<step>.pt + meta_<step>.json)")
+    n.add_argument("checkpoint_dir", help="nanochat checkpoint directory, e.g. ~/.cache/nanochat/base_checkpoints/d24")
+    n.add_argument("out", help="output run directory; writes OUT/checkpoints/step_<N>/")
+    n.add_argument("--step", type=int, default=None, help="step to convert (default: the latest)")
+    n.set_defaults(func=_convert_nanochat)
     return parser
 
 
