@@ -28,7 +28,7 @@ import torch.distributed as tdist
 
 from chatlm.app import run_stage
 from chatlm.config import ConfigError, ModelConfig, TrainConfig
-from chatlm.data.loader import PretrainLoader
+from chatlm.data.loader import make_loader
 from chatlm.data.shards import list_shards
 from chatlm.data.sources import prepare_source
 from chatlm.errors import ChatlmError
@@ -190,14 +190,11 @@ class StopSignal:
 def train(cfg: TrainConfig, run: Run) -> dict:
     ctx, policy = run.ctx, run.policy  # type: ignore[attr-defined]
     device, dtype = ctx.device, policy.compute_dtype
-    if cfg.data.sources and len(cfg.data.sources) > 1:
-        raise ChatlmError("data mixtures of several sources are not supported by the pretraining loader yet; "
-                          "use a single-source data config")
 
     # --- tokenizer, data, plan
     shard_dirs = data_dirs(cfg, run)
     tok = load_or_train_tokenizer(cfg, run, shard_dirs)
-    train_files, val_file = list_shards(shard_dirs[0])
+    splits = [list_shards(d) for d in shard_dirs]  # (train files, val file) per source
     if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
         raise ConfigError("model.vocab_size", f"is {cfg.model.vocab_size} but the tokenizer has {tok.vocab_size} ids")
     plan = plan_run(cfg, tok.vocab_size, ctx.world_size)
@@ -252,8 +249,9 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         model.load_state_dict(state["model"])
         log.info("initialized weights from %s", state["path"])
 
-    loader = PretrainLoader(train_files, tok, B, T, rank=ctx.rank, world_size=ctx.world_size, device=device,
-                            buffer_size=cfg.data.doc_buffer, threads=cfg.data.tokenizer_threads, state=loader_state)
+    loader = make_loader([(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)], tok, B, T,
+                         rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
+                         threads=cfg.data.tokenizer_threads, state=loader_state)
     eval_steps = max(1, cfg.eval_tokens // (B * T * ctx.world_size))
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
     sweep = (run.record().get("sweep") or {}) if ctx.is_main else {}
@@ -301,8 +299,9 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     def evaluate_val(at: int) -> float:
         from chatlm.evals.bpb import evaluate_bpb
 
-        val = PretrainLoader([val_file], tok, B, T, rank=ctx.rank, world_size=ctx.world_size, device=device,
-                             buffer_size=cfg.data.doc_buffer, threads=cfg.data.tokenizer_threads, infinite=False)
+        val = make_loader([([v], s.weight) for (_, v), s in zip(splits, cfg.data.sources)], tok, B, T,
+                          rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
+                          threads=cfg.data.tokenizer_threads, infinite=False)
         bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
         loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
         run.log_metrics(step=at, tokens=at * plan.total_batch_size, val_bpb=bpb)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -112,18 +111,12 @@ def test_zero_bytes_is_inf():
     assert evaluate_bpb(model, make_batches(2), tb, max_steps=0) == math.inf
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _rank_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store, not a TCP port: no port can be taken by another process between tests
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{out_dir}/store")
     try:
         model, tb = make_model(), token_bytes_table()
         mine = make_batches(4)[rank::world]  # rank r takes batches r, r+W, ...
@@ -138,7 +131,7 @@ def test_two_rank_gloo_all_reduce_equals_union(tmp_path):
     single = evaluate_bpb(make_model(), make_batches(4), token_bytes_table())
     own_half = evaluate_bpb(make_model(), make_batches(4)[0::2], token_bytes_table())
     assert own_half != pytest.approx(single, rel=1e-6)  # the test can tell the ranks apart
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert results[0] == results[1]
     assert results[0] == pytest.approx(single, rel=1e-9)
