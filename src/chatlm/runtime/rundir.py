@@ -392,6 +392,10 @@ class Run:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         self._log_handler = handler
+        if self.rank != 0:  # only rank 0 talks on the console; every rank keeps its own file
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.setLevel(logging.WARNING)
 
     def detach_log(self) -> None:
         if self._log_handler is not None:
