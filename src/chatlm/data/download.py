@@ -79,7 +79,8 @@ class _Retry(Exception):
     """A failure worth another attempt."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(CHUNK), b""):
@@ -174,7 +175,7 @@ def download_file(url: str, dest: Path, *, expected_size: Optional[int] = None, 
             if total >= 0 and size != total:
                 raise _Retry(f"size {size} != Content-Length {total}")
             if sha256 is not None:
-                digest = _sha256(part)
+                digest = sha256_file(part)
                 if digest != sha256.lower():
                     part.unlink()
                     raise _Retry(f"sha256 {digest} != expected {sha256}")
