@@ -202,3 +202,12 @@ def test_local_sweep_of_a_tiny_model_writes_the_summary(tmp_path, run_stage, env
     by_job = {row.split(",")[0]: dict(zip(header, row.split(","))) for row in rows[1:]}
     assert by_job["0"]["status"] == "completed" and by_job["0"]["overrides"].endswith("seed=0")
     assert float(by_job["1"]["val_bpb"]) > 0 and by_job["0"]["val_bpb"] != by_job["1"]["val_bpb"]
+
+
+def test_init_from_refuses_another_architecture(tmp_path, run_stage, env):
+    first = train(run_stage, env, "steps=2", f"hydra.run.dir={tmp_path}/a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    r = train(run_stage, env, "steps=2", f"init_from={tmp_path}/a", "model.depth=3")
+    assert r.returncode != 0 and "model.depth: checkpoint 2, config 3" in r.stderr and "Traceback" not in r.stderr
+    ok = train(run_stage, env, "steps=2", f"init_from={tmp_path}/a")
+    assert ok.returncode == 0 and "initialized weights from" in ok.stdout

@@ -15,6 +15,7 @@ time limits) write a checkpoint at the end of the current step and stop with sta
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import signal
@@ -152,6 +153,20 @@ def data_dirs(cfg: TrainConfig, run: Run) -> list[Path]:
     return dirs
 
 
+def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
+    """Refuse a checkpoint whose model differs from the configured one, naming the fields."""
+    saved = state["meta"].get("model_config") or {}
+    current = json.loads(json.dumps(asdict(cfg.model), default=lambda v: getattr(v, "value", str(v))))
+    ignore = {"name", "attention_backend"}  # labels and kernels, not weights
+    diff = [f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}" for k in sorted(saved)
+            if k not in ignore and k in current and saved[k] != current[k]]
+    if state["meta"].get("vocab_size") not in (None, vocab_size):
+        diff.append(f"vocab size: checkpoint {state['meta']['vocab_size']}, tokenizer {vocab_size}")
+    if diff:
+        raise ChatlmError(f"checkpoint {state['path']} was trained with another architecture:\n  "
+                          + "\n  ".join(diff) + "\nset these model.* keys to the checkpoint's values")
+
+
 class StopSignal:
     """Turns SIGTERM/SIGUSR1 into a flag checked once per step (all ranks agree via all_reduce)."""
 
@@ -232,6 +247,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         found = ckpt.find_checkpoint(cfg.resume)
     if found is not None:
         state = ckpt.load_checkpoint(found, map_location=device)
+        check_architecture(state, cfg, tok.vocab_size)
         model.load_state_dict(state["model"])
         optimizer.load_full_state_dict(state["optim"])
         meta = state["meta"]
@@ -245,7 +261,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                         "first shard (model and optimizer resume exactly)", meta["world_size"], ctx.world_size)
         log.info("resumed from %s at step %d", found, step)
     elif cfg.init_from:
-        state = ckpt.load_checkpoint(ckpt.find_checkpoint(cfg.init_from), map_location=device)
+        state = ckpt.load_checkpoint(ckpt.find_checkpoint(cfg.init_from), map_location=device, parts=("model",))
+        check_architecture(state, cfg, tok.vocab_size)
         model.load_state_dict(state["model"])
         log.info("initialized weights from %s", state["path"])
 
