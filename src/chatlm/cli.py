@@ -3,6 +3,9 @@
     chatlm --version
     chatlm groups [GROUP]               config groups and their options (from conf/)
     chatlm runs summarize SWEEP_DIR     (re)write a sweep's summary.csv / summary.md
+    chatlm runs ls [PATH...]            table of the runs under PATH (default outputs/ or $CHATLM_OUTPUT_ROOT)
+    chatlm runs show RUN                one run: record, resolved config, derived values, last metrics, error
+    chatlm runs compare RUN...|SWEEP    differing config keys and metrics side by side (--by KEY: mean ± std)
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
@@ -60,6 +63,192 @@ def _convert_nanochat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------
+# chatlm runs ls / show / compare (logic in chatlm.runs.index and chatlm.runs.compare)
+
+_LS_METRICS = ("val_bpb", "min_val_bpb", "train_loss", "val_loss", "core_metric")
+_LS_MAX_METRICS = 6
+
+
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _print_table(headers: list[str], rows: list[list[str]], fmt: str = "table", title: str | None = None) -> None:
+    """A rich table on a terminal; plain aligned text (or md/csv) otherwise."""
+    from chatlm.runs.compare import render
+
+    if fmt == "table" and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(Text(h), overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(c) for c in row))  # Text: no markup parsing of `[...]` in values
+        Console().print(table)
+        return
+    print(render(headers, rows, fmt), end="")
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _key_overrides(overrides: list[str]) -> str:
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "paths.", "run_name="))]
+    return " ".join(keep)
+
+
+def _runs_ls(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from chatlm.runs.compare import fmt
+    from chatlm.runs.index import filter_runs, find_runs, output_root, parse_since, sort_runs
+
+    notes: list[str] = []
+    try:
+        since = parse_since(args.since) if args.since else None
+    except ValueError as e:
+        print(f"chatlm runs ls: error: {e}", file=sys.stderr)
+        return 2
+    for cond in args.where or []:
+        if "=" not in cond:
+            print(f"chatlm runs ls: error: --where {cond!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
+    paths = [Path(p) for p in args.paths] or [output_root()]
+    runs = find_runs(paths, notes)
+    runs = filter_runs(runs, stage=args.stage, status=args.status, since=since, where=args.where)
+    runs = sort_runs(runs, args.sort)
+    if args.last is not None:
+        runs = runs[-args.last:] if args.last > 0 else []
+    _print_notes(notes)
+    if args.json:
+        out = []
+        for r in runs:
+            out.append({"path": str(r.path), "stage": r.stage, "name": r.name, "status": r.display_status,
+                        "recorded_status": r.status, "start": r.record.get("start_time"),
+                        "duration_s": r.duration_s, "model": r.model, "overrides": r.overrides,
+                        "final_metrics": r.final_metrics,
+                        "error": (r.error or {}).get("message") if r.error else None})
+        print(_json.dumps(out, indent=2, default=str))
+        return 0
+    names = [m for m in _LS_METRICS if any(m in r.final_metrics for r in runs)]
+    others = sorted({k for r in runs for k, v in r.final_metrics.items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)} - set(names) - {"wall_time_s"})
+    metric_cols = (names + others)[:_LS_MAX_METRICS]
+    if args.sort not in ("start", "duration") and args.sort not in metric_cols:
+        metric_cols.append(args.sort)
+    headers = ["stage", "name", "status", "start", "duration", "model", "overrides", *metric_cols]
+    rows = []
+    for r in runs:
+        start = r.start.strftime("%Y-%m-%d %H:%M") if r.start else ""
+        rows.append([r.stage, r.name, r.display_status, start, _fmt_duration(r.duration_s), r.model,
+                     _key_overrides(r.overrides), *[fmt(r.final_metrics.get(m)) for m in metric_cols]])
+    if not rows:
+        print("no runs found", file=sys.stderr)
+        return 0
+    _print_table(headers, rows, "table")
+    return 0
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from chatlm.runs.compare import fmt
+    from chatlm.runs.index import resolve_run
+
+    notes: list[str] = []
+    run = resolve_run(args.run, notes)
+    _print_notes(notes)
+    if run is None:
+        return 2
+    rec = run.record
+    git = rec.get("git") if isinstance(rec.get("git"), dict) else {}
+    fields = [("path", str(run.path)), ("stage", run.stage), ("name", run.name), ("status", run.display_status),
+              ("start", rec.get("start_time")), ("end", rec.get("end_time")), ("duration_s", run.duration_s),
+              ("model", run.model), ("world_size", rec.get("world_size")), ("launcher", rec.get("launcher")),
+              ("config_hash", (rec.get("config_hash") or "")[:12]),
+              ("git", f"{git.get('sha', '')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else ""),
+              ("attempts", len(rec.get("attempts") or [])), ("overrides", " ".join(run.overrides)),
+              ("argv", " ".join(map(str, rec.get("argv") or [])))]
+    if run.stale:
+        fields.append(("note", "run.json says running but nothing was written for over an hour: probably dead"))
+    for key, value in fields:
+        print(f"{key:12} {fmt(value)}")
+    if run.final_metrics:
+        print("\nfinal metrics:")
+        for k, v in run.final_metrics.items():
+            print(f"  {k} = {fmt(v)}")
+    if args.config:
+        print("\nconfig.resolved.yaml:")
+        try:
+            print((run.path / "config.resolved.yaml").read_text(), end="")
+        except OSError as e:
+            print(f"  (unreadable: {e})")
+    else:
+        print("\nconfig:")
+        for k, v in run.flat_config().items():
+            print(f"  {k} = {fmt(v)}")
+        if run.derived:
+            print("\nderived:")
+            for k, v in run.derived.items():
+                print(f"  {k} = {fmt(v) if not isinstance(v, dict) else yaml.safe_dump(v, default_flow_style=True).strip()}")
+    rows = run.metrics()
+    if rows:
+        print(f"\nlast metrics row ({len(rows)} rows):")
+        for k, v in rows[-1].items():
+            if k == "time" and isinstance(v, (int, float)):
+                import datetime as _dt
+
+                v = _dt.datetime.fromtimestamp(v).astimezone().isoformat(timespec="seconds")
+            print(f"  {k} = {fmt(v)}")
+    if run.error:
+        print(f"\nerror: {run.error.get('type')}: {run.error.get('message')}")
+        tb = run.error.get("traceback")
+        if tb:
+            print("  " + "\n  ".join(str(tb).rstrip().splitlines()[-15:]))
+    return 0
+
+
+def _runs_compare(args: argparse.Namespace) -> int:
+    from chatlm.runs.compare import compare_table, group_table
+    from chatlm.runs.index import find_runs, load_run
+
+    notes: list[str] = []
+    runs = []
+    for spec in args.runs:
+        p = Path(spec)
+        if (p / "run.json").exists():
+            r = load_run(p, notes)
+            runs += [r] if r is not None else []
+        else:
+            runs += find_runs([p], notes)
+    _print_notes(notes)
+    if not runs:
+        print("chatlm runs compare: no runs to compare", file=sys.stderr)
+        return 2
+    metrics = args.metric or ["val_bpb"]
+    headers, rows = compare_table(runs, metrics)
+    _print_table(headers, rows, args.format, title="runs")
+    if args.by:
+        headers, rows = group_table(runs, args.by, metrics)
+        print()
+        print(f"grouped by {args.by} (completed runs; mean ± sample std):")
+        _print_table(headers, rows, args.format, title=f"by {args.by}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="chatlm command-line tools")
     parser.add_argument("--version", action="version", version=f"chatlm {__version__}")
@@ -72,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     s = runs_sub.add_parser("summarize", help="(re)write summary.csv/summary.md of a sweep directory")
     s.add_argument("sweep_dir")
     s.set_defaults(func=_summarize)
+    ls = runs_sub.add_parser("ls", help="table of the runs found (recursively) under PATHs")
+    ls.add_argument("paths", nargs="*", metavar="PATH", help="default: $CHATLM_OUTPUT_ROOT or outputs/")
+    ls.add_argument("--stage", help="only runs of this stage (train, check, ...)")
+    ls.add_argument("--status", help="only runs with this status (running, completed, failed, preempted, running?)")
+    ls.add_argument("--since", help="started since a date (2026-11-24, 2026-11-24T10:00) or a span ago (2h, 3d)")
+    ls.add_argument("--where", action="append", metavar="KEY=VALUE",
+                    help="config.resolved.yaml key (dotted; derived.<k> too) equals VALUE; repeatable")
+    ls.add_argument("--sort", default="start", help="start (default), duration, or a final metric name (ascending)")
+    ls.add_argument("--last", type=int, default=None, metavar="N", help="only the last N runs after sorting")
+    ls.add_argument("--json", action="store_true", help="JSON list instead of a table")
+    ls.set_defaults(func=_runs_ls)
+    sh = runs_sub.add_parser("show", help="one run: record, resolved config, derived values, last metrics, error")
+    sh.add_argument("run", help="run directory (or a run name / directory suffix under the output root)")
+    sh.add_argument("--config", action="store_true", help="print the full config.resolved.yaml")
+    sh.set_defaults(func=_runs_show)
+    cp = runs_sub.add_parser("compare", help="differing config keys and metrics of runs side by side")
+    cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs (a sweep)")
+    cp.add_argument("--metric", action="append", help="metric to show (final and best); repeatable; default val_bpb")
+    cp.add_argument("--by", metavar="KEY", help="group completed runs by this config key: mean ± std and n")
+    cp.add_argument("--format", choices=("table", "md", "csv"), default="table")
+    cp.set_defaults(func=_runs_compare)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")
     conv_sub = conv.add_subparsers(dest="convert_command", required=True)
     n = conv_sub.add_parser("nanochat", help="import a nanochat checkpoint (model_<step>.pt + meta_<step>.json)")

@@ -1,0 +1,164 @@
+"""Comparing runs: the config keys that differ, final/best metrics, grouping by a key (seeds -> mean ± std)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from typing import Any, Optional
+
+from chatlm.runs.index import RunInfo
+
+# Top-level config keys that say where/how a run was launched, never what it computes.
+NOISE_PREFIXES = ("derived", "paths", "hydra", "logger", "cluster", "resume", "run_dir", "output_dir")
+_STAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}-\d{2}-\d{2}")
+_HIGHER_IS_BETTER = ("acc", "core", "score", "reward", "win")
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(fmt(v) for v in value) + "]"
+    return str(value)
+
+
+def _is_noise(key: str) -> bool:
+    return key.split(".", 1)[0] in NOISE_PREFIXES
+
+
+def differing_keys(runs: list[RunInfo]) -> list[str]:
+    """Flattened resolved-config keys whose values are not the same in every run (noise excluded).
+
+    A key whose values all look like date/time stamps (a run name with its launch time) is noise too.
+    """
+    flats = [r.flat_config() for r in runs]
+    keys = sorted({k for f in flats for k in f if not _is_noise(k)})
+    out = []
+    for key in keys:
+        values = [f.get(key, "<absent>") for f in flats]
+        if all(repr(v) == repr(values[0]) for v in values):
+            continue
+        if all(isinstance(v, str) and _STAMP.search(v) for v in values):
+            continue
+        out.append(key)
+    return out
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def higher_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in _HIGHER_IS_BETTER)
+
+
+def metric_values(run: RunInfo, metric: str) -> tuple[Optional[float], Optional[float]]:
+    """(final, best) of a metric: final from run.json (else the last logged value), best over
+    metrics.jsonl and the final value (min; max for accuracy/score-like names)."""
+    rows = [_number(r.get(metric)) for r in run.metrics()]
+    logged = [v for v in rows if v is not None]
+    final = _number(run.final_metrics.get(metric))
+    if final is None and logged:
+        final = logged[-1]
+    candidates = logged + ([final] if final is not None else [])
+    if not candidates:
+        return final, None
+    return final, (max(candidates) if higher_is_better(metric) else min(candidates))
+
+
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (n-1; None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def fmt_stat(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean, std = mean_std(values)
+    if std is None:
+        return f"{mean:.6g} (n=1)"
+    return f"{mean:.6g} ± {std:.3g} (n={len(values)})"
+
+
+def compare_table(runs: list[RunInfo], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    """One row per run: name, status, the differing config keys, final and best of each metric."""
+    keys = differing_keys(runs)
+    headers = ["run", "status", *keys]
+    for m in metrics:
+        headers += [m, f"best {m}"]
+    rows = []
+    for r in runs:
+        flat = r.flat_config()
+        row = [r.path.name if r.record.get("sweep") else r.name, r.display_status]
+        row += [fmt(flat.get(k)) if k in flat else "<absent>" for k in keys]
+        for m in metrics:
+            final, best = metric_values(r, m)
+            row += [fmt(final), fmt(best)]
+        rows.append(row)
+    return headers, rows
+
+
+def group_table(runs: list[RunInfo], by: str, metrics: list[str],
+                statuses: tuple[str, ...] = ("completed",)) -> tuple[list[str], list[list[str]]]:
+    """One row per value of config key `by` (runs with the given statuses): n and mean ± std (n-1)
+    of the final and the best value of each metric over the runs (seeds) of the group."""
+    groups: dict[str, list[RunInfo]] = {}
+    order: dict[str, Any] = {}
+    for r in runs:
+        if r.status not in statuses:
+            continue
+        flat = r.flat_config(with_derived=True)
+        value = flat.get(by, "<absent>")
+        label = fmt(value)
+        groups.setdefault(label, []).append(r)
+        order.setdefault(label, value)
+    headers = [by, "n"]
+    for m in metrics:
+        headers += [m, f"best {m}"]
+    rows = []
+
+    def sort_key(label: str) -> tuple:
+        v = order[label]
+        return (0, float(v), "") if _number(v) is not None else (1, 0.0, label)
+
+    for label in sorted(groups, key=sort_key):
+        members = groups[label]
+        row = [label, str(len(members))]
+        for m in metrics:
+            pairs = [metric_values(r, m) for r in members]
+            row.append(fmt_stat([f for f, _ in pairs if f is not None]))
+            row.append(fmt_stat([b for _, b in pairs if b is not None]))
+        rows.append(row)
+    return headers, rows
+
+
+def render(headers: list[str], rows: list[list[str]], fmt_name: str = "table") -> str:
+    """Plain text: aligned columns (`table`), a Markdown table (`md`) or CSV (`csv`)."""
+    if fmt_name == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(headers)
+        w.writerows(rows)
+        return buf.getvalue()
+    if fmt_name == "md":
+        esc = [[c.replace("|", "\\|").replace("\n", " ") for c in row] for row in rows]
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in esc]
+        return "\n".join(lines) + "\n"
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return "\n".join(lines) + "\n"
