@@ -123,6 +123,7 @@ def _rank_worker(rank: int, world: int, out_dir: str) -> None:
         bpb = evaluate_bpb(model, mine, tb)
         with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
             f.write(repr(bpb))
+        dist.barrier()  # leave together: a rank tearing down while the other still talks can abort
     finally:
         dist.destroy_process_group()
 

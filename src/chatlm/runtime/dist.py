@@ -274,7 +274,9 @@ def launch(fn: Callable[..., Any], args: tuple, *, info: RankInfo | None = None,
     if info.world_size > 1:
         ctx = init(info, device_type, store)
         try:
-            return fn(ctx, *args)
+            out = fn(ctx, *args)
+            ctx.barrier()  # leave together: tearing gloo down while a peer still talks can abort
+            return out
         finally:
             ctx.close()
     if nproc_per_node > 1:
@@ -304,5 +306,6 @@ def _spawned_rank(local_rank: int, fn: Callable[..., Any], args: tuple, base: Ra
         out = fn(ctx, *args)
         if ctx.is_main:
             results.put(out)
+        ctx.barrier()  # leave together (see launch)
     finally:
         ctx.close()
