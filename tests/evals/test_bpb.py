@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -132,7 +133,16 @@ def test_two_rank_gloo_all_reduce_equals_union(tmp_path):
     single = evaluate_bpb(make_model(), make_batches(4), token_bytes_table())
     own_half = evaluate_bpb(make_model(), make_batches(4)[0::2], token_bytes_table())
     assert own_half != pytest.approx(single, rel=1e-6)  # the test can tell the ranks apart
-    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:
+        # Seen rarely with torch 2.13 + gloo: a rank aborts in C++ teardown ("terminate called
+        # without an active exception") after its work is done. What this test checks is the
+        # all-reduced value, which both ranks wrote before exiting; anything else is a failure.
+        files = [tmp_path / f"rank{r}.txt" for r in range(2)]
+        if "SIGABRT" not in str(e) or not all(f.exists() for f in files):
+            raise
+        warnings.warn(f"gloo teardown aborted after the work was done: {e}")
     results = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert results[0] == results[1]
     assert results[0] == pytest.approx(single, rel=1e-9)
