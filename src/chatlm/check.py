@@ -27,7 +27,7 @@ def _sync(device: torch.device) -> None:
 
 
 def check(cfg: CheckConfig, run: Run) -> dict:
-    ctx, policy = run.ctx, run.policy  # type: ignore[attr-defined]
+    ctx, policy = run.ctx, run.policy
     world = ctx.world_size
     value = torch.tensor([float(ctx.rank + 1)], device=ctx.device)
     if ctx.distributed:

@@ -203,7 +203,7 @@ class StopSignal:
 
 
 def train(cfg: TrainConfig, run: Run) -> dict:
-    ctx, policy = run.ctx, run.policy  # type: ignore[attr-defined]
+    ctx, policy = run.ctx, run.policy
     device, dtype = ctx.device, policy.compute_dtype
 
     # --- tokenizer, data, plan
@@ -343,7 +343,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         x, y = loader.next_batch()
         val_bpb = float("nan")
         last_loss = float("nan")
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         with StopSignal() as stop:
             while True:
                 last = step == N

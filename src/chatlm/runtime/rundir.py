@@ -235,6 +235,7 @@ class Run:
         self.rank = rank
         self.world_size = world_size
         self.ctx = ctx  # chatlm.runtime.dist.DistContext on live runs (None in tools/tests)
+        self.policy: Any = None  # chatlm.runtime.device.DevicePolicy on live runs
         self.metrics: Optional[MetricsWriter] = None
         self.final_metrics: dict[str, Any] = {}
         self.resolved: dict[str, Any] = {}  # the resolved config (set on live runs)
@@ -426,7 +427,7 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
     run = Run(Path(job.run_dir), ctx.rank, ctx.world_size, ctx)
     run.resolved = resolved
     policy = DevicePolicy.create(cfg.hardware, cfg.precision, ctx.device)
-    run.policy = policy  # type: ignore[attr-defined]
+    run.policy = policy
     error: Optional[str] = None
     if ctx.is_main:
         try:
