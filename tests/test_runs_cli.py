@@ -212,6 +212,7 @@ def test_compare_sweep_differing_keys_and_groups(outputs, capsys):
     assert len(rows) == 5
     assert rows[0] == ["0_model.softcap=10,seed=1", "completed", "10", "1", "0.9", "0.89"]
     assert rows[4] == ["4_model.softcap=20,seed=1", "failed", "20", "1", "1.2", "1.2"]
+    grouped, _, seeds = grouped.partition("per setting over seeds")
     gheader, grows = _table(grouped.split("\n", 1)[1])
     assert gheader == ["model.softcap", "n", "val_bpb", "best val_bpb"]
     # by hand: softcap 10 finals 0.90, 0.92 -> mean 0.91, sample std sqrt(2 * 0.01^2 / 1) = 0.0141421
@@ -219,6 +220,39 @@ def test_compare_sweep_differing_keys_and_groups(outputs, capsys):
     # softcap 15 finals 0.85, 0.88 -> mean 0.865, std 0.0212132; bests 0.84, 0.87 -> 0.855 ± 0.0212
     assert grows[1] == ["15", "2", "0.865 ± 0.0212 (n=2)", "0.855 ± 0.0212 (n=2)"]
     assert len(grows) == 2  # the failed softcap=20 job is not grouped
+    # seeds repeat per setting, so the seed table follows: baseline = the first setting (softcap 10).
+    # Welch by hand: se^2 = 0.0002/2 + 0.00045/2 = 0.000325, t = -0.045/sqrt(0.000325) = -2.496,
+    # df = 0.000325^2 / (0.0001^2 + 0.000225^2) = 1.742 -> two-sided p = 0.148
+    assert "Welch t-test p vs the first setting" in seeds
+    sheader, srows = _table(seeds.split("\n", 1)[1])
+    assert sheader == ["model.softcap", "n", "val_bpb", "p val_bpb"]
+    assert srows == [["10", "2", "0.91 ± 0.0141 (n=2)", "baseline"], ["15", "2", "0.865 ± 0.0212 (n=2)", "0.148"]]
+
+
+def test_compare_seed_table_baseline_md_csv(outputs, capsys):
+    sweep = outputs / "train" / "multirun" / "2026-11-20" / "10-00-00"
+    assert main(["runs", "compare", str(sweep), "--baseline", "model.softcap=15", "--format", "md",
+                 "--metric", "val_bpb", "--metric", "train_loss"]) == 0
+    out = capsys.readouterr().out
+    seeds = out.partition("per setting over seeds")[2]
+    assert "p vs model.softcap=15" in seeds
+    lines = _lines(seeds)[1:]
+    assert lines[0] == "| model.softcap | n | val_bpb | p val_bpb | train_loss | p train_loss |"
+    # train_loss 2.0, 2.1 vs 1.9, 1.8: t = 0.2 / sqrt(0.005/2 + 0.005/2) = 2.828, df = 2 -> p = 1 - t/sqrt(2+t^2)
+    p_loss = 1 - 2.8284271 / math.sqrt(2 + 8)
+    assert lines[2] == f"| 10 | 2 | 0.91 ± 0.0141 (n=2) | 0.148 | 2.05 ± 0.0707 (n=2) | {p_loss:.3g} |"
+    assert lines[3] == "| 15 | 2 | 0.865 ± 0.0212 (n=2) | baseline | 1.85 ± 0.0707 (n=2) | baseline |"
+    assert main(["runs", "compare", str(sweep), "--format", "csv"]) == 0
+    seeds = capsys.readouterr().out.partition("per setting over seeds")[2]
+    lines = _lines(seeds)[1:]
+    assert lines[0] == "model.softcap,n,val_bpb mean,val_bpb std,p val_bpb"
+    assert lines[1] == "10,2,0.91,0.0141421,baseline"
+    assert lines[2] == "15,2,0.865,0.0212132,0.148"
+    assert main(["runs", "compare", str(sweep), "--baseline", "model.softcap=99"]) == 2
+    err = capsys.readouterr().err
+    assert "no setting matches" in err and "model.softcap=10" in err and "Traceback" not in err
+    assert main(["runs", "compare", str(sweep), "--baseline", "optim.lr=1"]) == 2
+    assert "not a key that differs" in capsys.readouterr().err
 
 
 def test_compare_formats_and_explicit_runs(outputs, capsys):

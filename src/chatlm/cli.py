@@ -222,7 +222,7 @@ def _runs_show(args: argparse.Namespace) -> int:
 
 
 def _runs_compare(args: argparse.Namespace) -> int:
-    from chatlm.runs.compare import compare_table, group_table
+    from chatlm.runs.compare import compare_table, group_table, has_repeated_seeds
     from chatlm.runs.index import find_runs, load_run
 
     notes: list[str] = []
@@ -246,6 +246,23 @@ def _runs_compare(args: argparse.Namespace) -> int:
         print()
         print(f"grouped by {args.by} (completed runs; mean ± sample std):")
         _print_table(headers, rows, args.format, title=f"by {args.by}")
+    if args.baseline or has_repeated_seeds(runs):
+        return _print_seed_table(runs, metrics, args)
+    return 0
+
+
+def _print_seed_table(runs: list, metrics: list[str], args: argparse.Namespace) -> int:
+    from chatlm.runs.compare import seed_table
+
+    try:
+        headers, rows = seed_table(runs, metrics, args.baseline, split=args.format == "csv")
+    except ValueError as e:
+        print(f"chatlm runs compare: error: {e}", file=sys.stderr)
+        return 2
+    base = " ".join(args.baseline) if args.baseline else "the first setting"
+    print()
+    print(f"per setting over seeds (completed runs; mean ± sample std; Welch t-test p vs {base}):")
+    _print_table(headers, rows, args.format, title="settings over seeds")
     return 0
 
 
@@ -280,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs (a sweep)")
     cp.add_argument("--metric", action="append", help="metric to show (final and best); repeatable; default val_bpb")
     cp.add_argument("--by", metavar="KEY", help="group completed runs by this config key: mean ± std and n")
+    cp.add_argument("--baseline", action="append", metavar="KEY=VALUE",
+                    help="setting the others are tested against (Welch t-test over seeds); repeatable; "
+                         "default: the first setting")
     cp.add_argument("--format", choices=("table", "md", "csv"), default="table")
     cp.set_defaults(func=_runs_compare)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")

@@ -144,6 +144,125 @@ def group_table(runs: list[RunInfo], by: str, metrics: list[str],
     return headers, rows
 
 
+# ----------------------------------------------------------------------------------------------
+# settings over seeds: runs that differ only in their seed, mean ± std and Welch's t-test
+
+
+def is_seed_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] == "seed"
+
+
+def setting_keys(runs: list[RunInfo]) -> list[str]:
+    """The differing config keys that define a setting: all of them but the seed(s)."""
+    return [k for k in differing_keys(runs) if not is_seed_key(k)]
+
+
+def has_repeated_seeds(runs: list[RunInfo], statuses: tuple[str, ...] = ("completed",)) -> bool:
+    """True if some setting holds two or more (completed) runs that differ in their seed."""
+    runs = [r for r in runs if r.status in statuses]
+    if not any(is_seed_key(k) for k in differing_keys(runs)):
+        return False
+    return any(len(members) > 1 for _, members in group_settings(runs, setting_keys(runs)))
+
+
+def _setting_of(run: RunInfo, keys: list[str]) -> tuple:
+    flat = run.flat_config()
+    return tuple(flat.get(k, "<absent>") for k in keys)
+
+
+def _sort_value(value: Any) -> tuple:
+    return (0, float(value), "") if _number(value) is not None else (1, 0.0, fmt(value))
+
+
+def group_settings(runs: list[RunInfo], keys: list[str]) -> list[tuple[tuple, list[RunInfo]]]:
+    """(setting values, runs) per distinct setting, sorted by the values (numbers numerically)."""
+    groups: dict[str, tuple[tuple, list[RunInfo]]] = {}
+    for r in runs:
+        values = _setting_of(r, keys)
+        groups.setdefault(repr(values), (values, []))[1].append(r)
+    return sorted(groups.values(), key=lambda g: tuple(_sort_value(v) for v in g[0]))
+
+
+def _matches(values: tuple, keys: list[str], conditions: list[str]) -> bool:
+    import yaml
+
+    by_key = dict(zip(keys, values))
+    for cond in conditions:
+        key, _, expected = cond.partition("=")
+        key = key.strip()
+        if key not in by_key:
+            return False
+        try:
+            parsed = yaml.safe_load(expected)
+        except yaml.YAMLError:
+            parsed = expected
+        if by_key[key] != parsed and fmt(by_key[key]) != expected:
+            return False
+    return True
+
+
+def find_baseline(settings: list[tuple[tuple, list[RunInfo]]], keys: list[str],
+                  baseline: Optional[list[str]]) -> int:
+    """Index of the baseline setting: the first one, or the one matching every KEY=VALUE of `baseline`.
+
+    Raises ValueError naming the settings when none matches (or a key is not a setting key)."""
+    if not baseline:
+        return 0
+    for cond in baseline:
+        if "=" not in cond:
+            raise ValueError(f"--baseline {cond!r}: expected KEY=VALUE")
+        if cond.partition("=")[0].strip() not in keys:
+            raise ValueError(f"--baseline {cond!r}: {cond.partition('=')[0]!r} is not a key that differs "
+                             f"between the settings ({', '.join(keys) or 'none'})")
+    for i, (values, _) in enumerate(settings):
+        if _matches(values, keys, baseline):
+            return i
+    known = "; ".join(", ".join(f"{k}={fmt(v)}" for k, v in zip(keys, values)) for values, _ in settings)
+    raise ValueError(f"--baseline {' '.join(baseline)}: no setting matches (settings: {known})")
+
+
+def final_values(runs: list[RunInfo], metric: str) -> list[float]:
+    return [f for f, _ in (metric_values(r, metric) for r in runs) if f is not None]
+
+
+def fmt_p(p: Optional[float]) -> str:
+    return "" if p is None else f"{p:.3g}"
+
+
+def welch_p(values: list[float], baseline: list[float]) -> Optional[float]:
+    from chatlm.runs.stats import welch_t_test
+
+    result = welch_t_test(values, baseline)
+    return None if result is None else result.p
+
+
+def seed_table(runs: list[RunInfo], metrics: list[str], baseline: Optional[list[str]] = None,
+               split: bool = False, statuses: tuple[str, ...] = ("completed",)) -> tuple[list[str], list[list[str]]]:
+    """One row per setting (the completed runs that differ only in their seed): n, then per metric the
+    mean ± sample std of the final values and the two-sided Welch t-test p-value against the
+    baseline setting. `split` (for CSV) gives mean and std as separate numeric columns."""
+    done = [r for r in runs if r.status in statuses]
+    keys = setting_keys(done)
+    settings = group_settings(done, keys)
+    base = find_baseline(settings, keys, baseline) if settings else 0
+    headers = [*keys, "n"]
+    for m in metrics:
+        headers += [f"{m} mean", f"{m} std", f"p {m}"] if split else [m, f"p {m}"]
+    rows = []
+    for i, (values, members) in enumerate(settings):
+        row = [fmt(v) for v in values] + [str(len(members))]
+        for m in metrics:
+            vals, base_vals = final_values(members, m), final_values(settings[base][1], m)
+            p = "baseline" if i == base else fmt_p(welch_p(vals, base_vals))
+            if split:
+                mean, std = mean_std(vals) if vals else (None, None)
+                row += [fmt(mean), fmt(std), p]
+            else:
+                row += [fmt_stat(vals), p]
+        rows.append(row)
+    return headers, rows
+
+
 def render(headers: list[str], rows: list[list[str]], fmt_name: str = "table") -> str:
     """Plain text: aligned columns (`table`), a Markdown table (`md`) or CSV (`csv`)."""
     if fmt_name == "csv":
