@@ -5,7 +5,9 @@
     chatlm runs summarize SWEEP_DIR     (re)write a sweep's summary.csv / summary.md
     chatlm runs ls [PATH...]            table of the runs under PATH (default outputs/ or $CHATLM_OUTPUT_ROOT)
     chatlm runs show RUN                one run: record, resolved config, derived values, last metrics, error
-    chatlm runs compare RUN...|SWEEP    differing config keys and metrics side by side (--by KEY: mean ± std)
+    chatlm runs compare RUN...|SWEEP    differing config keys and metrics side by side (--by KEY: mean ± std;
+                                        seeds: mean ± std per setting, Welch p vs --baseline KEY=VALUE)
+    chatlm runs plot RUN...|SWEEP       PNG of metric curves (--metric, --x tokens|flops|time|step, --out)
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
@@ -221,19 +223,29 @@ def _runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _runs_compare(args: argparse.Namespace) -> int:
-    from chatlm.runs.compare import compare_table, group_table, has_repeated_seeds
-    from chatlm.runs.index import find_runs, load_run
+def _gather_runs(specs: list[str], notes: list[str]) -> list:
+    """Runs named by run directories, directories holding runs (sweeps), or a run name under the output root."""
+    from chatlm.runs.index import find_runs, load_run, resolve_run
 
-    notes: list[str] = []
     runs = []
-    for spec in args.runs:
+    for spec in specs:
         p = Path(spec)
         if (p / "run.json").exists():
             r = load_run(p, notes)
-            runs += [r] if r is not None else []
-        else:
+        elif p.exists():
             runs += find_runs([p], notes)
+            continue
+        else:
+            r = resolve_run(spec, notes)
+        runs += [r] if r is not None else []
+    return runs
+
+
+def _runs_compare(args: argparse.Namespace) -> int:
+    from chatlm.runs.compare import compare_table, group_table, has_repeated_seeds
+
+    notes: list[str] = []
+    runs = _gather_runs(args.runs, notes)
     _print_notes(notes)
     if not runs:
         print("chatlm runs compare: no runs to compare", file=sys.stderr)
@@ -263,6 +275,30 @@ def _print_seed_table(runs: list, metrics: list[str], args: argparse.Namespace) 
     print()
     print(f"per setting over seeds (completed runs; mean ± sample std; Welch t-test p vs {base}):")
     _print_table(headers, rows, args.format, title="settings over seeds")
+    return 0
+
+
+def _runs_plot(args: argparse.Namespace) -> int:
+    from chatlm.runs.plot import parse_size, plot_runs
+
+    try:
+        size = parse_size(args.size)
+    except ValueError as e:
+        print(f"chatlm runs plot: error: {e}", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    runs = _gather_runs(args.runs, notes)
+    metrics = args.metric or ["val_bpb"]
+    series = plot_runs(runs, metrics, args.x, Path(args.out), logy=args.logy, smooth_n=args.smooth,
+                       size=size, notes=notes) if runs else []
+    _print_notes(notes)
+    if not series:
+        print(f"chatlm runs plot: nothing to plot ({len(runs)} runs found, none with {', '.join(metrics)} "
+              f"against {args.x}); no image written", file=sys.stderr)
+        return 1
+    drawn = len({s.run for s in series})
+    print(f"{args.out}: {len(series)} curves of {', '.join(dict.fromkeys(s.metric for s in series))} "
+          f"from {drawn} runs against {args.x}")
     return 0
 
 
@@ -302,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "default: the first setting")
     cp.add_argument("--format", choices=("table", "md", "csv"), default="table")
     cp.set_defaults(func=_runs_compare)
+    pl = runs_sub.add_parser("plot", help="PNG of metric curves, one line per run, labelled by the differing keys")
+    pl.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run directories, or directories holding runs")
+    pl.add_argument("--metric", action="append", help="metric from metrics.jsonl; repeatable (one panel each); "
+                    "default val_bpb")
+    pl.add_argument("--x", choices=("tokens", "flops", "time", "step"), default="tokens",
+                    help="x axis: tokens (default), flops (tokens x derived.flops_per_token), time "
+                         "(train_time_s, else wall-clock), step")
+    pl.add_argument("--out", default="plot.png", help="PNG file to write (default plot.png)")
+    pl.add_argument("--logy", action="store_true", help="logarithmic y axis")
+    pl.add_argument("--smooth", type=int, default=1, metavar="N", help="trailing moving average over N points")
+    pl.add_argument("--size", default="1000x600", metavar="WxH", help="image size in pixels (default 1000x600)")
+    pl.set_defaults(func=_runs_plot)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")
     conv_sub = conv.add_subparsers(dest="convert_command", required=True)
     n = conv_sub.add_parser("nanochat", help="import a nanochat checkpoint (model_<step>.pt + meta_<step>.json)")
