@@ -8,6 +8,7 @@
     chatlm runs compare RUN...|SWEEP    differing config keys and metrics side by side (--by KEY: mean ± std;
                                         seeds: mean ± std per setting, Welch p vs --baseline KEY=VALUE)
     chatlm runs plot RUN...|SWEEP       PNG of metric curves (--metric, --x tokens|flops|time|step, --out)
+    chatlm runs sync --wandb RUN...     push the offline W&B runs of run directories (--dry-run: list them)
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
@@ -302,6 +303,95 @@ def _runs_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _offline_wandb_runs(runs: list, force: bool, notes: list[str]) -> list:
+    """The offline W&B runs to push, from each run directory (live or already synced ones only with --force)."""
+    from chatlm.runs.sync import offline_runs, online_run_dirs
+
+    todo = []
+    for run in runs:
+        found = offline_runs(run.path)
+        if not found:
+            online = " (its W&B run was online: nothing to sync)" if online_run_dirs(run.path) else \
+                " (logged without logger=wandb?)"
+            notes.append(f"{run.path}: no offline W&B run under wandb/{online}")
+            continue
+        if run.display_status == "running" and not force:
+            notes.append(f"{run.path}: still running; sync it when it ends (or --force to push what is written)")
+            continue
+        for offline in found:
+            if offline.synced and not force:
+                notes.append(f"{offline.path}: already synced (--force to push again)")
+            else:
+                todo.append(offline)
+    return todo
+
+
+def _print_sync_plan(todo: list, header: str) -> None:
+    import shlex
+
+    print(header)
+    for offline in todo:
+        print(f"  {offline.describe()}")
+        print(f"    wandb sync {shlex.quote(str(offline.path))}")
+
+
+def _sync_later_hint(args: argparse.Namespace) -> str:
+    import shlex
+
+    return "run `chatlm runs sync --wandb " + " ".join(shlex.quote(r) for r in args.runs) + \
+        "` again (or the `wandb sync` commands above) where W&B can be reached"
+
+
+def _runs_sync(args: argparse.Namespace) -> int:
+    from chatlm.runs import sync as S
+
+    if not args.wandb:
+        print("chatlm runs sync: error: say what to sync: --wandb (offline W&B runs)", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    runs = _gather_runs(args.runs, notes)
+    todo = _offline_wandb_runs(runs, args.force, notes)
+    _print_notes(notes)
+    if not runs:
+        print("chatlm runs sync: error: no runs found", file=sys.stderr)
+        return 2
+    if not todo:
+        print("nothing to sync")
+        return 0
+    if args.dry_run:
+        _print_sync_plan(todo, f"would sync {len(todo)} offline W&B run(s):")
+        return 0
+    blocked = None
+    if not S.wandb_installed():
+        blocked = f"the wandb package is not installed ({S.WANDB_INSTALL})"
+    else:
+        blocked = S.unreachable_reason(S.base_url(), timeout_s=min(5.0, args.timeout))
+    if blocked:
+        _print_sync_plan(todo, f"not synced, {len(todo)} offline W&B run(s) stay in place:")
+        print(f"chatlm runs sync: {blocked}; nothing uploaded. Later: {_sync_later_hint(args)}", file=sys.stderr)
+        return 0
+    return _push_offline_runs(todo, args)
+
+
+def _push_offline_runs(todo: list, args: argparse.Namespace) -> int:
+    from chatlm.runs.sync import sync_offline_run
+
+    failed = 0
+    for i, offline in enumerate(todo):
+        outcome = sync_offline_run(offline.path, args.timeout)
+        if outcome.ok:
+            print(outcome.message)
+            continue
+        if outcome.blocked:
+            _print_sync_plan(todo[i:], f"not synced, {len(todo) - i} offline W&B run(s) stay in place:")
+            print(f"chatlm runs sync: {outcome.message}; nothing more uploaded. Later: {_sync_later_hint(args)}",
+                  file=sys.stderr)
+            return 1 if failed else 0
+        failed += 1
+        print(f"chatlm runs sync: error: {offline.path}: {outcome.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="chatlm command-line tools")
     parser.add_argument("--version", action="version", version=f"chatlm {__version__}")
@@ -350,6 +440,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--smooth", type=int, default=1, metavar="N", help="trailing moving average over N points")
     pl.add_argument("--size", default="1000x600", metavar="WxH", help="image size in pixels (default 1000x600)")
     pl.set_defaults(func=_runs_plot)
+    sy = runs_sub.add_parser("sync", help="push offline W&B runs of run directories (wandb sync)")
+    sy.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run directories, or directories holding runs")
+    sy.add_argument("--wandb", action="store_true", help="sync the offline W&B runs under <run dir>/wandb/")
+    sy.add_argument("--dry-run", action="store_true", help="list what would be synced (directories, steps); upload nothing")
+    sy.add_argument("--force", action="store_true", help="also runs still running and runs already synced")
+    sy.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                    help="seconds each `wandb sync` may take (default 300)")
+    sy.set_defaults(func=_runs_sync)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")
     conv_sub = conv.add_subparsers(dest="convert_command", required=True)
     n = conv_sub.add_parser("nanochat", help="import a nanochat checkpoint (model_<step>.pt + meta_<step>.json)")
