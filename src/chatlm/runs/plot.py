@@ -161,6 +161,16 @@ def collect_series(runs: list[RunInfo], metrics: list[str], x_axis: str, smooth_
     return out
 
 
+def _log_y(ax: Any) -> None:
+    """A log y axis with plain numbers (2.4, 3) on its ticks rather than powers of ten."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+
+
 def draw(series: list[Series], metrics: list[str], x_axis: str, out: Path, *, logy: bool = False,
          size: tuple[int, int] = DEFAULT_SIZE, smooth_n: int = 1) -> Path:
     """One panel per metric (side by side), one line per run, saved as a PNG of exactly `size` pixels."""
@@ -180,7 +190,7 @@ def draw(series: list[Series], metrics: list[str], x_axis: str, out: Path, *, lo
         ax.set_xlabel(X_LABELS[x_axis])
         ax.set_ylabel(metric)
         if logy:
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     out = Path(out)
