@@ -158,6 +158,9 @@ def test_plot_nothing_to_draw_is_a_clear_error(runs_root, tmp_path, capsys):
     assert not out.exists()
     assert main(["runs", "plot", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "not a run directory" in capsys.readouterr().err
+    sc3 = runs_root / "train" / "2026-11-24" / "sc3"
+    assert main(["runs", "plot", str(sc3), str(sc3.parent), "--out", str(out), "--x", "step"]) == 0
+    assert "3 curves of val_bpb from 3 runs" in capsys.readouterr().out  # sc3 once (not 4); dead has no val_bpb
     assert main(["runs", "plot", str(runs_root), "--size", "big", "--out", str(out)]) == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
 

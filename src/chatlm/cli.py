@@ -239,7 +239,10 @@ def _gather_runs(specs: list[str], notes: list[str]) -> list:
         else:
             r = resolve_run(spec, notes)
         runs += [r] if r is not None else []
-    return runs
+    unique: dict[Path, object] = {}
+    for r in runs:  # a run named both directly and through its sweep is listed once
+        unique.setdefault(r.path.resolve(), r)
+    return list(unique.values())
 
 
 def _runs_compare(args: argparse.Namespace) -> int:
