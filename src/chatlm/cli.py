@@ -364,11 +364,7 @@ def _runs_sync(args: argparse.Namespace) -> int:
     if args.dry_run:
         _print_sync_plan(todo, f"would sync {len(todo)} offline W&B run(s):")
         return 0
-    blocked = None
-    if not S.wandb_installed():
-        blocked = f"the wandb package is not installed ({S.WANDB_INSTALL})"
-    else:
-        blocked = S.unreachable_reason(S.base_url(), timeout_s=min(5.0, args.timeout))
+    blocked = S.blocked_reason(timeout_s=min(5.0, args.timeout))
     if blocked:
         _print_sync_plan(todo, f"not synced, {len(todo)} offline W&B run(s) stay in place:")
         print(f"chatlm runs sync: {blocked}; nothing uploaded. Later: {_sync_later_hint(args)}", file=sys.stderr)

@@ -165,6 +165,13 @@ def unreachable_reason(url: str, timeout_s: float = 5.0) -> Optional[str]:
         return f"cannot reach {url} ({e.strerror or type(e).__name__})"
 
 
+def blocked_reason(timeout_s: float = 5.0) -> Optional[str]:
+    """Why no upload can start here (wandb missing, W&B server unreachable), or None."""
+    if not wandb_installed():
+        return f"the wandb package is not installed ({WANDB_INSTALL})"
+    return unreachable_reason(base_url(), timeout_s)
+
+
 def sync_command(offline_dir: Path) -> list[str]:
     return [sys.executable, "-m", "wandb", "sync", str(offline_dir)]
 
