@@ -162,3 +162,17 @@ def test_classify_failure():
     assert net.blocked and "network error" in net.message
     real = classify_failure(p, 2, "wandb: something\nError: bad run directory layout\n")
     assert not real.blocked and real.message == "wandb sync exited with 2: Error: bad run directory layout"
+
+
+def test_without_the_wandb_package_it_says_how_to_sync_later(wandb_run, monkeypatch, capsys):
+    from chatlm.cli import main
+    from chatlm.runs import sync as S
+
+    run_dir, _ = wandb_run
+    monkeypatch.setattr(S, "wandb_installed", lambda: False)
+    assert main(["runs", "sync", "--wandb", str(run_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("not synced, 1 offline W&B run(s) stay in place:") and "wandb sync " in out
+    assert err.strip() == (f"chatlm runs sync: the wandb package is not installed (pip install 'chatlm[wandb]'); "
+                           f"nothing uploaded. Later: run `chatlm runs sync --wandb {run_dir}` again (or the "
+                           f"`wandb sync` commands above) where W&B can be reached")
