@@ -59,3 +59,39 @@ def run_dirs(root: Path, stage: str) -> list[Path]:
 
 def load_record(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# a real Slurm cluster on this machine (launch/slurm/up.sh), started once per test session
+
+SLURM_BASE = "/tmp/chatlm-slurm"
+
+
+def _slurmctld_alive() -> bool:
+    # (not `sinfo`: without a controller it retries for ~10 s before failing)
+    try:
+        os.kill(int(Path(SLURM_BASE, "run", "slurmctld.pid").read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Slurm 22.05 from Debian's packages: 2 virtual nodes x 4 CPUs x 2 fake GPUs, with accounting.
+
+    Needs root and apt (dev and CI machines have both); elsewhere the Slurm tests are skipped.
+    A cluster that is already up (a developer ran launch/slurm/up.sh) is used and left running."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("starting a local Slurm cluster needs root and apt-get")
+    started = not _slurmctld_alive()
+    if started:
+        p = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "up.sh"), SLURM_BASE], capture_output=True,
+                           text=True, timeout=600)
+        assert p.returncode == 0, f"launch/slurm/up.sh failed:\n{p.stderr[-4000:]}"
+    yield SLURM_BASE
+    if started:
+        subprocess.run(["bash", str(REPO / "launch" / "slurm" / "down.sh"), SLURM_BASE], capture_output=True,
+                       timeout=120)

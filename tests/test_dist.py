@@ -141,3 +141,10 @@ def test_check_through_submitit_local_tasks(tmp_path, run_stage):
     assert rec["launcher"] == "submitit_local" and rec["world_size"] == 2 and len(rec["attempts"]) == 1
     assert rec["final_metrics"]["all_reduce"] == 3.0
     assert "| 0 | completed |" in (sweeps[0] / "summary.md").read_text()
+
+
+def test_one_task_slurm_step_is_recorded_as_slurm():
+    env = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    info = dist.detect(env)
+    assert (info.launcher, info.rank, info.world_size, info.local_world_size, info.job_id) == ("slurm", 0, 1, 1, "7")

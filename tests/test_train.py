@@ -129,7 +129,7 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, run_stage, env):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=120) != 0
     rec = load_record(tmp_path / "cut")
-    assert rec["status"] == "preempted" and "signal 15" in rec["error"]["message"]
+    assert rec["status"] == "preempted" and "SIGTERM" in rec["error"]["message"]
     stopped = int(os.readlink(tmp_path / "cut" / "checkpoints" / "latest").split("_")[1])
     assert 2 <= stopped < 40
     again = train(run_stage, env, *args, f"hydra.run.dir={tmp_path}/cut")

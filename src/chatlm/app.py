@@ -68,6 +68,9 @@ def register_configs() -> None:
         cs.store(name=f"{stage}_schema", node=schema)
     for group, schema in C.GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name=group, node=schema)
+    from chatlm import launcher
+
+    launcher.register()  # hydra/launcher options chatlm_slurm, chatlm_local
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
@@ -298,6 +301,10 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
                            info=info, nproc_per_node=typed.hardware.nproc_per_node, store=store,
                            device=typed.hardware.device.value)
     except BaseException as e:
+        from chatlm.runtime.rundir import Preempted
+
+        if isinstance(e, Preempted) and e.requeue is not None:
+            return _hand_over_to_requeue(e, job, info)
         # Ranks that were killed (or a rank 0 stuck in a collective when another rank died)
         # cannot close their record: close it here.
         from chatlm.runtime.rundir import mark_failed_if_running
@@ -315,3 +322,22 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
         # In a sweep, one failed job must not stop the others or skip the sweep summary:
         # the failure is in the job's run.json, and the summary callback fails the sweep at the end.
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def _hand_over_to_requeue(e: Any, job: JobInfo, info: dist.RankInfo) -> Any:
+    """The stage saved a checkpoint after submitit's USR2: now let submitit requeue the job.
+
+    On rank 0 submitit's handler stores the resubmission and runs `scontrol requeue`, then exits;
+    the other ranks leave too, without a result, so the launcher keeps waiting for the requeued job,
+    which lands in the same run directory and resumes (resume=auto). When submitit refuses (the job
+    timed out `max_num_timeout` times), the run is closed as failed with its checkpoint in place.
+    """
+    try:
+        e.requeue(e.signum, None)
+    except Exception as refused:  # submitit: "Job not requeued because: timed-out too many times."
+        message = (f"{refused}; the last checkpoint is in {job.run_dir}: continue with "
+                   f"`chatlm runs retry --resume <sweep dir>` or hydra.run.dir=<that directory>")
+        if info.rank == 0:
+            Run(Path(job.run_dir)).finish("failed", message)
+        return {"status": "failed", "error": message}
+    raise SystemExit(-1)

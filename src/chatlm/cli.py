@@ -391,6 +391,17 @@ def _push_offline_runs(todo: list, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _runs_retry(args: argparse.Namespace) -> int:
+    from chatlm.runs.retry import RetryError, retry
+
+    try:
+        return retry(Path(args.sweep_dir), failed_only=args.failed, resume=args.resume,
+                     include_running=args.include_running, jobs=args.jobs, dry_run=args.dry_run)
+    except RetryError as e:
+        print(f"chatlm runs retry: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatlm", description="chatlm command-line tools")
     parser.add_argument("--version", action="version", version=f"chatlm {__version__}")
@@ -447,6 +458,18 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--timeout", type=float, default=300.0, metavar="S",
                     help="seconds each `wandb sync` may take (default 300)")
     sy.set_defaults(func=_runs_sync)
+    rt = runs_sub.add_parser("retry", help="run a sweep's failed or missing points again, in their directories")
+    rt.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (holds multirun.yaml / sweep.json)")
+    rt.add_argument("--failed", action="store_true", help="only failed or preempted points, not missing ones")
+    rt.add_argument("--resume", action="store_true",
+                    help="continue points that have a checkpoint from it (default: start them from scratch; "
+                         "old attempts are moved to <sweep>/.retried/)")
+    rt.add_argument("--include-running", action="store_true",
+                    help="also points whose record still says running (a job that died without closing it)")
+    rt.add_argument("--jobs", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="N,M",
+                    help="exactly these job numbers, whatever their status")
+    rt.add_argument("--dry-run", action="store_true", help="print the points and the command; run nothing")
+    rt.set_defaults(func=_runs_retry)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")
     conv_sub = conv.add_subparsers(dest="convert_command", required=True)
     n = conv_sub.add_parser("nanochat", help="import a nanochat checkpoint (model_<step>.pt + meta_<step>.json)")

@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as tdist
@@ -168,7 +168,14 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
 
 
 class StopSignal:
-    """Turns SIGTERM/SIGUSR1 into a flag checked once per step (all ranks agree via all_reduce)."""
+    """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag checked once per step (all ranks agree via all_reduce).
+
+    The loop then saves a checkpoint and raises `Preempted`. SIGUSR2 is what submitit sends before a
+    Slurm time limit (and on preemption): the handler it had installed is handed on as
+    `Preempted.requeue`, so the job is requeued only after the checkpoint exists.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
@@ -178,16 +185,26 @@ class StopSignal:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
+        if self.signum is None or signum == signal.SIGUSR2:  # USR2 (requeue) wins over the SIGTERM after it
+            self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    @property
+    def requeue_handler(self) -> Optional[Callable]:
+        """The handler that owned SIGUSR2 before us (submitit's requeue), if that is what arrived."""
+        handler = self._previous.get(signal.SIGUSR2)
+        return handler if self.signum == signal.SIGUSR2 and callable(handler) else None
+
+    def describe(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "no signal"
 
     def agreed(self, ctx: Any) -> bool:
         flag = self.signum is not None
@@ -411,9 +428,14 @@ def train(cfg: TrainConfig, run: Run) -> dict:
 
                 if stop.agreed(ctx) or step == cfg.stop_at_step:
                     save(step)
-                    why = f"signal {stop.signum}" if stop.signum else f"stop_at_step={cfg.stop_at_step}"
-                    raise Preempted(f"stopped by {why} after step {step} with a checkpoint; run the same command "
-                                    f"again with hydra.run.dir={run.path} (resume=auto) to continue")
+                    if stop.signum is None:
+                        raise Preempted(f"stopped at stop_at_step={cfg.stop_at_step} with a checkpoint; run the same "
+                                        f"command again with hydra.run.dir={run.path} (resume=auto) to continue")
+                    requeue = stop.requeue_handler
+                    then = ("requeueing the job" if requeue else
+                            f"run the same command again with hydra.run.dir={run.path} (resume=auto) to continue")
+                    raise Preempted(f"stopped by {stop.describe()} after step {step} with a checkpoint; {then}",
+                                    signum=stop.signum, requeue=requeue)
         final = {"steps": N, "tokens": N * plan.total_batch_size, "val_bpb": val_bpb,
                  "min_val_bpb": loop["min_val_bpb"], "train_loss": last_loss,
                  "train_time_s": round(loop["train_time"], 3)}

@@ -99,7 +99,7 @@ def detect(env: Mapping[str, str] | None = None) -> RankInfo:
         return RankInfo("submitit_local", num("SUBMITIT_LOCAL_GLOBALID"), num("SUBMITIT_LOCAL_LOCALID"), world,
                         world, 0, "127.0.0.1", num("MASTER_PORT") or port_from_job_id(job), job)
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
-    if "SLURM_PROCID" in env and in_step and num("SLURM_NTASKS", 1) > 1:
+    if "SLURM_PROCID" in env and in_step:  # (one task too: the record should say it ran on Slurm)
         world = num("SLURM_NTASKS", 1)
         nodes = max(1, num("SLURM_JOB_NUM_NODES", 1) or num("SLURM_NNODES", 1))
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
@@ -107,7 +107,7 @@ def detect(env: Mapping[str, str] | None = None) -> RankInfo:
         step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
         master = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
         port = num("MASTER_PORT") or port_from_job_id(f"{job}{step}")
-        return RankInfo("slurm", num("SLURM_PROCID"), num("SLURM_LOCALID"), world, world // nodes,
+        return RankInfo("slurm", num("SLURM_PROCID"), num("SLURM_LOCALID"), world, max(1, world // nodes),
                         num("SLURM_NODEID"), master, port, job)
     if num("WORLD_SIZE", 1) > 1 and "RANK" in env:
         world = num("WORLD_SIZE", 1)

@@ -54,7 +54,17 @@ class RunDirError(ChatlmError, RuntimeError):
 
 
 class Preempted(ChatlmError):
-    """Raised by a stage when it stops early to be requeued (Slurm preemption/timeout)."""
+    """Raised by a stage that stopped early with a checkpoint (a signal, or `stop_at_step`).
+
+    `requeue` is the signal handler that was installed before the stage caught the signal (submitit's
+    "checkpoint and requeue" on USR2). The launcher edge calls it once the record is closed; it
+    resubmits the same job into the same run directory, which then resumes.
+    """
+
+    def __init__(self, message: str, *, signum: Optional[int] = None, requeue: Optional[Callable] = None):
+        super().__init__(message)
+        self.signum = signum
+        self.requeue = requeue
 
 
 class Terminated(SystemExit):
@@ -354,8 +364,10 @@ class Run:
 
     # -- the end -------------------------------------------------------------------------------
 
-    def finish(self, status: str, error: BaseException | str | None = None) -> None:
-        """Rank 0: close the record with a final status, metrics and (if failed) the error."""
+    def finish(self, status: str, error: BaseException | str | None = None, *, requeue: bool = False) -> None:
+        """Rank 0: close the record with a final status, metrics and (if failed) the error.
+
+        `requeue`: the job is about to be requeued (Slurm); the attempt records it."""
         assert status in STATUSES, status
         if self.metrics is not None:
             self.metrics.close()
@@ -380,6 +392,10 @@ class Run:
                 record["error"] = {"type": "Error", "message": str(error), "traceback": None}
         if record.get("attempts"):
             record["attempts"][-1].update(end=end, status=status)
+            if requeue or "requeued" in record["attempts"][-1]:
+                record["attempts"][-1]["requeued"] = requeue
+            if error is not None:
+                record["attempts"][-1]["reason"] = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
         write_json(self.record_path, record)
 
     # -- logging -------------------------------------------------------------------------------
@@ -454,7 +470,7 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
         run.finish("completed")
         return {"status": "completed", **run.final_metrics}
     except Preempted as e:
-        run.finish("preempted", e)
+        run.finish("preempted", e, requeue=e.requeue is not None)
         raise
     except BaseException as e:
         log.error("run failed: %s: %s", type(e).__name__, e)

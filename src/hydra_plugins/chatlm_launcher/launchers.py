@@ -1,0 +1,13 @@
+"""chatlm's launchers, where Hydra's plugin discovery finds them (logic: `chatlm.launcher`)."""
+
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
+
+from chatlm.launcher import ChatlmLauncherMixin
+
+
+class ChatlmSlurmLauncher(ChatlmLauncherMixin, SlurmLauncher):
+    _EXECUTOR = "slurm"
+
+
+class ChatlmLocalLauncher(ChatlmLauncherMixin, LocalLauncher):
+    _EXECUTOR = "local"
