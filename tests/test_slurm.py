@@ -191,3 +191,39 @@ def test_plain_sbatch_example_runs_two_ranks(slurm_cluster, tmp_path, env):
     rec = load_record(run_dir)
     assert (rec["status"], rec["launcher"], rec["world_size"]) == ("completed", "slurm", 2)
     assert "[chatlm] job" in log and "requeueing" not in log
+
+
+def test_cancelled_job_keeps_its_checkpoint_and_retry_resume_finishes_it(slurm_cluster, tmp_path, env):
+    """scancel (SIGTERM to every task): the loop checkpoints and the point ends `preempted`; the
+    sweep command exits 1; `chatlm runs retry --resume` continues it to the uninterrupted losses."""
+    import time
+
+    args = [*SMOKE, "total_batch_size=4096", "steps=20"]
+    sweep = tmp_path / "sweep"
+    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *args, "cluster=slurm_cpu", f"hydra.sweep.dir={sweep}"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        dirs = job_dirs(sweep) if sweep.is_dir() else []
+        if dirs and (dirs[0] / "metrics.jsonl").exists() and len(losses(dirs[0])) >= 3:
+            break
+        time.sleep(0.5)
+    job_id = json.loads((sweep / "sweep.json").read_text())["jobs"][0]["job_id"]
+    subprocess.run(["scancel", job_id], check=True)
+    out, err = p.communicate(timeout=180)
+    assert p.returncode == 1 and "did not complete" in err, err[-3000:]
+    (d,) = job_dirs(sweep)
+    rec = load_record(d)
+    assert rec["status"] == "preempted" and "SIGTERM" in rec["error"]["message"]
+    assert any((d / "checkpoints").glob("step_*"))
+
+    reference = chatlm("train", *args, f"hydra.run.dir={tmp_path / 'ref'}", cwd=tmp_path, env=env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    r = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "retry", "--resume", str(sweep)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "#0 preempted resume" in r.stdout
+    rec = load_record(d)
+    assert rec["status"] == "completed" and [a["status"] for a in rec["attempts"]] == ["preempted", "completed"]
+    assert losses(d) == losses(tmp_path / "ref")
+    assert not (sweep / ".retried").exists()
