@@ -283,3 +283,29 @@ def test_library_helpers(outputs):
     assert math.isclose(m, 0.865) and math.isclose(s, statistics.stdev([0.85, 0.88]))
     assert mean_std([1.0]) == (1.0, None)
     assert parse_since("2h").timestamp() == pytest.approx(time.time() - 7200, abs=5)
+
+
+def test_compare_at_equal_tokens_and_flops(tmp_path, capsys):
+    root = tmp_path / "outputs"
+    sweep = root / "sweeps" / "s"
+    curves = {10.0: [(100, 2.0), (200, 1.0), (300, 0.5)], 15.0: [(100, 3.0), (250, 1.5)]}
+    for i, (softcap, points) in enumerate(curves.items()):
+        run = _make(root, sweep / f"{i}_model.softcap={softcap:g}", softcap=softcap, seed=1, start=_start(i),
+                    sweep=sweep, job_num=i)
+        run.record_derived(flops_per_token=10.0 * (i + 1))
+        for tokens, v in points:
+            run.log_metrics(step=tokens // 100, tokens=tokens, val_bpb=v)
+        run.finish("completed")
+    assert main(["runs", "compare", str(sweep), "--at", "tokens", "--format", "csv"]) == 0
+    rows = list(__import__("csv").reader(capsys.readouterr().out.splitlines()))
+    # the common horizon is 250 tokens (the second run's last point); run 0 interpolates 1.0 -> 0.5
+    assert rows[0][-1] == "val_bpb @ 250 tokens"
+    assert [r[-1] for r in rows[1:]] == ["0.75", "1.5"]
+    assert main(["runs", "compare", str(sweep), "--at", "tokens", "--at-value", "150", "--format", "csv"]) == 0
+    rows = list(__import__("csv").reader(capsys.readouterr().out.splitlines()))
+    assert [r[-1] for r in rows[1:]] == ["1.5", "2.5"]  # (2.0+1.0)/2 and 3.0 + (1.5-3.0)*50/150
+    # FLOPs: run 0 has 10 FLOPs/token (ends at 3000), run 1 has 20 (ends at 5000): horizon 3000 FLOPs
+    assert main(["runs", "compare", str(sweep), "--at", "flops", "--format", "csv"]) == 0
+    rows = list(__import__("csv").reader(capsys.readouterr().out.splitlines()))
+    assert rows[0][-1] == "val_bpb @ 3000 flops"
+    assert [r[-1] for r in rows[1:]] == ["0.5", "2.5"]  # run 1 at 150 tokens

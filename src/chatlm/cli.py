@@ -255,7 +255,7 @@ def _runs_compare(args: argparse.Namespace) -> int:
         print("chatlm runs compare: no runs to compare", file=sys.stderr)
         return 2
     metrics = args.metric or ["val_bpb"]
-    headers, rows = compare_table(runs, metrics)
+    headers, rows = compare_table(runs, metrics, at=args.at, at_value=args.at_value)
     _print_table(headers, rows, args.format, title="runs")
     if args.by:
         headers, rows = group_table(runs, args.by, metrics)
@@ -436,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--baseline", action="append", metavar="KEY=VALUE",
                     help="setting the others are tested against (Welch t-test over seeds); repeatable; "
                          "default: the first setting")
+    cp.add_argument("--at", choices=("tokens", "flops"),
+                    help="also each metric at equal tokens or equal FLOPs (interpolated between logged points)")
+    cp.add_argument("--at-value", type=float, metavar="X",
+                    help="the tokens/FLOPs for --at (default: the most that every run reached)")
     cp.add_argument("--format", choices=("table", "md", "csv"), default="table")
     cp.set_defaults(func=_runs_compare)
     pl = runs_sub.add_parser("plot", help="PNG of metric curves, one line per run, labelled by the differing keys")

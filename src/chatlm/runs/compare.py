@@ -74,6 +74,41 @@ def metric_values(run: RunInfo, metric: str) -> tuple[Optional[float], Optional[
     return final, (max(candidates) if higher_is_better(metric) else min(candidates))
 
 
+def curve(run: RunInfo, metric: str, x: str = "tokens") -> list[tuple[float, float]]:
+    """(x, value) points of a metric, x = tokens or flops (tokens x derived.flops_per_token)."""
+    scale = 1.0
+    if x == "flops":
+        from chatlm.runs.plot import flops_per_token
+
+        fpt = flops_per_token(run)
+        if fpt is None:
+            return []
+        scale = fpt
+    points = []
+    for row in run.metrics():
+        value, tokens = _number(row.get(metric)), _number(row.get("tokens"))
+        if value is not None and tokens is not None:
+            points.append((tokens * scale, value))
+    return sorted(points)
+
+
+def value_at(points: list[tuple[float, float]], at: float) -> Optional[float]:
+    """The metric at x = `at`: linear interpolation between the logged points around it (None
+    outside the logged range)."""
+    if not points or at < points[0][0] or at > points[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= at <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (at - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+def common_horizon(runs: list[RunInfo], metric: str, x: str) -> Optional[float]:
+    """The largest x (tokens or FLOPs) that every run with this metric logged it at."""
+    ends = [c[-1][0] for c in (curve(r, metric, x) for r in runs) if c]
+    return min(ends) if ends else None
+
+
 def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     """Mean and sample standard deviation (n-1; None for a single value)."""
     n = len(values)
@@ -92,12 +127,19 @@ def fmt_stat(values: list[float]) -> str:
     return f"{mean:.6g} ± {std:.3g} (n={len(values)})"
 
 
-def compare_table(runs: list[RunInfo], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
-    """One row per run: name, status, the differing config keys, final and best of each metric."""
+def compare_table(runs: list[RunInfo], metrics: list[str], at: Optional[str] = None,
+                  at_value: Optional[float] = None) -> tuple[list[str], list[list[str]]]:
+    """One row per run: name, status, the differing config keys, final and best of each metric, and
+    with `at` = "tokens" or "flops" the metric at equal tokens/FLOPs (`at_value`, default the
+    common horizon: the most that every run reached), interpolated between logged points."""
     keys = differing_keys(runs)
     headers = ["run", "status", *keys]
+    horizons: dict[str, Optional[float]] = {}
     for m in metrics:
         headers += [m, f"best {m}"]
+        if at:
+            horizons[m] = at_value if at_value is not None else common_horizon(runs, m, at)
+            headers.append(f"{m} @ {fmt(horizons[m])} {at}")
     rows = []
     for r in runs:
         flat = r.flat_config()
@@ -106,6 +148,9 @@ def compare_table(runs: list[RunInfo], metrics: list[str]) -> tuple[list[str], l
         for m in metrics:
             final, best = metric_values(r, m)
             row += [fmt(final), fmt(best)]
+            if at:
+                h = horizons[m]
+                row.append(fmt(value_at(curve(r, m, at), h)) if h is not None else "")
         rows.append(row)
     return headers, rows
 
