@@ -70,10 +70,16 @@ class RetryPlan:
             hydra = [o for o in self.hydra_overrides
                      if not o.startswith(("hydra.sweep.dir=", "hydra.launcher.only_jobs=", "hydra.mode="))]
             nums = ",".join(str(p.num) for p in self.chosen)
-            return [base + ["-m", *self.task_overrides, *hydra, f"hydra.sweep.dir={self.sweep_dir}",
+            return [base + ["-m", *self.task_overrides, *hydra, f"hydra.sweep.dir={quoted(self.sweep_dir)}",
                             f"hydra.launcher.only_jobs=[{nums}]"]]
         hydra = [o for o in self.hydra_overrides if not o.startswith(("hydra.sweep.", "hydra.run.dir=", "hydra.mode="))]
-        return [base + [*p.overrides, *hydra, f"hydra.run.dir={p.run_dir}"] for p in self.chosen]
+        return [base + [*p.overrides, *hydra, f"hydra.run.dir={quoted(p.run_dir)}"] for p in self.chosen]
+
+
+def quoted(path: Path) -> str:
+    """A path as a Hydra override value (job directories contain '=' and ',')."""
+    text = str(path).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
 
 
 # ----------------------------------------------------------------------------------------------
