@@ -52,7 +52,8 @@ class SweepSummary(Callback):
         return rows
 
     def _write_if_pending(self) -> None:
-        if self._sweep_dir is not None and not self._written:
+        # (a launch refused before submitting leaves no sweep directory, and gets no summary)
+        if self._sweep_dir is not None and not self._written and self._sweep_dir.is_dir():
             try:
                 self._write()
             except Exception as e:  # exit hooks must not raise

@@ -219,13 +219,14 @@ class ChatlmLauncherMixin:
 
         assert self.config is not None  # type: ignore[attr-defined]
         params = self.params  # type: ignore[attr-defined]
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()  # type: ignore[attr-defined]
         numbered = [(initial_job_idx + i, list(ov)) for i, ov in enumerate(job_overrides)]
         if self.only_jobs is not None:
             wanted = set(int(j) for j in self.only_jobs)
             unknown = sorted(wanted - {n for n, _ in numbered})
             if unknown:
                 _fail(f"only_jobs names job numbers this sweep does not have: {unknown} "
-                      f"(it has {numbered[0][0]}..{numbered[-1][0]})")
+                      f"(it has {numbered[0][0]}..{numbered[-1][0]})", sweep_dir)
             numbered = [(n, ov) for n, ov in numbered if n in wanted]
         if self._EXECUTOR == "slurm" and self.preflight:
             try:
@@ -233,9 +234,8 @@ class ChatlmLauncherMixin:
                 log.info("Slurm partition %s: %d nodes, %d CPUs and %d GPUs per node", part.name, part.nodes,
                          part.cpus_per_node, part.gpus_per_node)
             except LaunchError as e:
-                _fail(str(e))
+                _fail(str(e), sweep_dir)
 
-        sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()  # type: ignore[attr-defined]
         sweep_dir.mkdir(parents=True, exist_ok=True)
         executor = self._executor(params)
         log.info("submitit %s: %d job(s) into %s", self._EXECUTOR, len(numbered), sweep_dir)
@@ -331,6 +331,10 @@ def _record_unstarted(info: dict, message: str, stage: str) -> None:
                                    "error": {"type": "JobKilled", "message": message, "traceback": None}})
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, sweep_dir: Path) -> None:
+    """Refuse the launch: one line, exit status 2, and no sweep directory left behind if this launch
+    created it (Hydra writes multirun.yaml before the launcher runs)."""
     print(f"chatlm: launch error: {message}", file=sys.stderr)
+    if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(sweep_dir, ignore_errors=True)
     sys.exit(2)
