@@ -227,3 +227,18 @@ def test_cancelled_job_keeps_its_checkpoint_and_retry_resume_finishes_it(slurm_c
     assert rec["status"] == "completed" and [a["status"] for a in rec["attempts"]] == ["preempted", "completed"]
     assert losses(d) == losses(tmp_path / "ref")
     assert not (sweep / ".retried").exists()
+
+
+def test_show_names_the_job_its_logs_and_the_users_command(slurm_cluster, tmp_path, env):
+    sweep = tmp_path / "sweep"
+    r = chatlm("train", *SMOKE, "cluster=slurm_cpu", "steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d,) = job_dirs(sweep)
+    rec = load_record(d)
+    assert rec["argv"][-5:] == [*SMOKE, "cluster=slurm_cpu", "steps=2", f"hydra.sweep.dir={sweep}"]
+    assert rec["argv"][1:3] == ["-m", "chatlm.train"]  # what the user typed, not submitit's job command
+    show = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "show", str(d)], env=env,
+                          capture_output=True, text=True)
+    job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
+    assert f"job          {job['job_id']} (slurm)" in show.stdout and job["stdout"] in show.stdout
+    assert f"slurm job {rec['slurm']['job_id']} restart 0" in show.stdout

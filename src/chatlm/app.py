@@ -282,7 +282,7 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
         overrides=list(hc.overrides.task),
         choices={k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
                  if not k.startswith("hydra/") and v is not None},
-        argv=list(getattr(sys, "orig_argv", sys.argv)),
+        argv=_user_argv(hc, multirun),
     )
     try:
         typed = to_typed(cfg)
@@ -322,6 +322,18 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
         # In a sweep, one failed job must not stop the others or skip the sweep summary:
         # the failure is in the job's run.json, and the summary callback fails the sweep at the end.
         return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def _user_argv(hc: Any, multirun: bool) -> list[str]:
+    """The command the user typed. Inside a submitit job this process runs `submitit.core._submit`;
+    the submitting command is in the sweep record (sweep.json) that chatlm's launcher wrote."""
+    argv = list(getattr(sys, "orig_argv", sys.argv))
+    if multirun and any("submitit" in a for a in argv[:4]):
+        from chatlm.runtime.rundir import read_json
+
+        record = read_json(Path(str(hc.sweep.dir)) / "sweep.json") or {}
+        return list(record.get("argv") or argv)
+    return argv
 
 
 def _hand_over_to_requeue(e: Any, job: JobInfo, info: dist.RankInfo) -> Any:

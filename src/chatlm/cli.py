@@ -189,6 +189,7 @@ def _runs_show(args: argparse.Namespace) -> int:
         fields.append(("note", "run.json says running but nothing was written for over an hour: probably dead"))
     for key, value in fields:
         print(f"{key:12} {fmt(value)}")
+    _print_attempts_and_job(run)
     if run.final_metrics:
         print("\nfinal metrics:")
         for k, v in run.final_metrics.items():
@@ -222,6 +223,31 @@ def _runs_show(args: argparse.Namespace) -> int:
         if tb:
             print("  " + "\n  ".join(str(tb).rstrip().splitlines()[-15:]))
     return 0
+
+
+def _print_attempts_and_job(run) -> None:
+    """Each attempt (requeues, resumes) and, for a point of a submitit sweep, its job and log files."""
+    attempts = run.record.get("attempts") or []
+    if len(attempts) > 1 or any(a.get("slurm") for a in attempts if isinstance(a, dict)):
+        print("\nattempts:")
+        for i, a in enumerate(attempts):
+            if not isinstance(a, dict):
+                continue
+            slurm = a.get("slurm") or {}
+            where = f" slurm job {slurm.get('job_id')} restart {slurm.get('restart_count', 0)}" if slurm else ""
+            requeued = " requeued" if a.get("requeued") else ""
+            reason = f" - {a['reason']}" if a.get("reason") else ""
+            print(f"  {i}: {a.get('start')} -> {a.get('end')} {a.get('status')}{requeued}{where}{reason}")
+    sweep = run.record.get("sweep") if isinstance(run.record.get("sweep"), dict) else None
+    if sweep and sweep.get("dir"):
+        from chatlm.launcher import read_sweep_record
+
+        record = read_sweep_record(Path(sweep["dir"])) or {}
+        job = next((j for j in record.get("jobs", []) if j.get("num") == sweep.get("job_num")), None)
+        if job and job.get("job_id"):
+            print(f"\njob          {job['job_id']} ({(record.get('launcher') or {}).get('executor', '?')})")
+            print(f"stdout       {job.get('stdout')}")
+            print(f"stderr       {job.get('stderr')}")
 
 
 def _gather_runs(specs: list[str], notes: list[str]) -> list:
@@ -486,7 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # `chatlm runs show ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
