@@ -457,6 +457,59 @@ class TrainConfig(StageConfig):
             raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
 
 
+@dataclass
+class BenchConfig(StageConfig):
+    """`python -m chatlm.bench`: throughput/MFU of training steps (task=train) or attention kernels
+    (task=attention), built exactly as training builds them; results go to bench.json."""
+
+    stage: str = "bench"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    task: str = "train"
+    tokens: str = "synthetic"
+    steps: int = 30
+    warmup_steps: int = 10
+    total_batch_size: int = -1
+    auto_tokenizer: bool = False
+    ceiling: bool = True
+    ceiling_size: int = 8192
+    ceiling_iters: int = 10
+    attn_backends: List[str] = field(default_factory=list)
+    attn_batch_size: int = -1
+    attn_iters: int = 20
+    attn_warmup: int = 5
+    attn_check_rows: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task not in ("train", "attention"):
+            raise ConfigError("task", f"must be 'train' or 'attention', got {self.task!r}")
+        if self.tokens not in ("synthetic", "data"):
+            raise ConfigError("tokens", f"must be 'synthetic' (random ids) or 'data' (the data group's shards), "
+                                        f"got {self.tokens!r}")
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be >= 1, got {self.steps}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ConfigError("warmup_steps", f"must be in [0, steps={self.steps}) so that a step is timed, "
+                                              f"got {self.warmup_steps}")
+        if self.total_batch_size != -1 and self.total_batch_size < 1:
+            raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
+        for key in ("ceiling_size", "ceiling_iters", "attn_iters"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.attn_warmup < 0 or self.attn_check_rows < 0:
+            raise ConfigError("attn_warmup" if self.attn_warmup < 0 else "attn_check_rows", "must be >= 0")
+        if self.attn_batch_size != -1 and self.attn_batch_size < 1:
+            raise ConfigError("attn_batch_size", f"must be -1 (hardware.device_batch_size) or >= 1, "
+                                                 f"got {self.attn_batch_size}")
+        bad = [b for b in self.attn_backends if b not in ("fa4", "flex", "sdpa")]
+        if bad:
+            raise ConfigError("attn_backends", f"unknown backend(s) {bad}; valid: fa4, flex, sdpa (empty = all)")
+
+
 # Which schema backs which group. `chatlm.app` registers these in Hydra's ConfigStore and the
 # config tests check that every YAML file of a group validates against its schema.
 GROUP_SCHEMAS: dict[str, type] = {
@@ -480,6 +533,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "check": CheckConfig,
     "tokenize": TokenizeConfig,
     "train": TrainConfig,
+    "bench": BenchConfig,
 }
 
 

@@ -1,0 +1,3 @@
+from chatlm.bench.stage import main
+
+main()

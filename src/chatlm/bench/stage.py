@@ -1,0 +1,120 @@
+"""The Hydra stage: `python -m chatlm.bench task=train|attention ...` (see chatlm.bench)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from chatlm.config import BenchConfig
+
+log = logging.getLogger("chatlm")
+
+
+def _fmt(value: Optional[float], scale: float = 1.0, digits: int = 1, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value * scale:,.{digits}f}{suffix}"
+
+
+def _tflops(value: float) -> str:
+    return _fmt(value, 1, 0 if value >= 100 else 3)
+
+
+def train_rows(r: dict) -> list[tuple[str, str]]:
+    ceiling = r.get("ceiling_flops")
+    return [
+        ("device", f"{r['device_name']} x{r['world_size']} | torch {r['torch']}"),
+        ("model", f"{r['model']} (d{r['depth']}, width {r['n_embd']}, {r['n_head']} heads, {r['windows']}, "
+                  f"T={r['seq_len']})"),
+        ("batch", f"{r['tokens_per_step']:,} tokens/step = {r['device_batch_size']} x {r['seq_len']} x "
+                  f"{r['world_size']} x {r['grad_accum']} accumulation ({r['tokens']} tokens)"),
+        ("kernels", f"attention {r['attention_backend']} | {r['dtype']}"
+                    + (f" + fp8 ({r['fp8_linears']} linears)" if r["fp8"] else "") + f" | compile {r['compile']}"),
+        ("steps", f"{r['timed_steps']} timed of {r['steps']} (first {r['warmup_steps']} left out; step 1 took "
+                  f"{r['first_step_s']:.1f} s)"),
+        ("step time", f"median {_fmt(r['median_step_s'], 1000)} ms (min {_fmt(r['min_step_s'], 1000)}, "
+                      f"max {_fmt(r['max_step_s'], 1000)})"),
+        ("tok/s", f"{r['tok_per_s']:,.0f}" + (f" ({r['tok_per_s_per_device']:,.0f} per device)"
+                                              if r["world_size"] > 1 else "")),
+        ("MFU vs nominal", f"{_fmt(r['mfu_nominal'], 100, 1, ' %')} of {_fmt(r['peak_flops_nominal'], 1e-12, 0)} "
+                           "TFLOP/s (dense bf16 peak)"),
+        ("MFU vs measured", f"{_fmt(r['mfu_measured'], 100, 1, ' %')} of {_fmt(ceiling, 1e-12, 0)} TFLOP/s"
+                            + (f" ({r['ceiling_source']})" if r.get("ceiling_source") else " (no ceiling measured)")),
+        ("peak memory", "n/a (not a CUDA device)" if r["peak_mem_gib"] is None else
+         f"{r['peak_mem_gib']:.1f} GiB allocated, {r['peak_reserved_gib']:.1f} GiB reserved"),
+        ("loss", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"),
+    ]
+
+
+def attention_rows(r: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for e in r["results"]:
+        if "fwd_bwd_s" not in e:
+            rows.append((e["backend"], str(e["window"]), str(e["layers"]), "-", "-", "-", "-", e["error"].split(":")[0]))
+            continue
+        rows.append((e["backend"], str(e["window"]), str(e["layers"]), _fmt(e["fwd_s"], 1000, 3),
+                     _fmt(e["fwd_bwd_s"], 1000, 3), _tflops(e["effective_tflops"]), _tflops(e["model_tflops"]),
+                     f"{e['max_abs_err']:.1e}" if "max_abs_err" in e else "n/a"))
+    return rows
+
+
+ATTENTION_HEADER = ("backend", "window", "layers", "fwd ms", "fwd+bwd ms", "eff. TFLOP/s", "model TFLOP/s",
+                    "max |err|")
+
+
+def print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    if result["task"] == "train":
+        table = Table(title="chatlm bench: train", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        for row in train_rows(result):
+            table.add_row(*row)
+    else:
+        table = Table(title=f"chatlm bench: attention, {result['model']} B={result['batch']} T={result['seq_len']} "
+                            f"H={result['n_head']} D={result['head_dim']} {result['dtype']} on {result['device_name']}")
+        for col in ATTENTION_HEADER:
+            table.add_column(col, justify="left" if col == "backend" else "right")
+        for row in attention_rows(result):
+            table.add_row(*row)
+        if result["skipped"]:
+            table.caption = "skipped: " + "; ".join(f"{b}: {why}" for b, why in result["skipped"].items())
+    console.print(table)
+
+
+def summary(result: dict) -> dict:
+    """The scalar results, for run.json's final metrics."""
+    if result["task"] == "train":
+        keys = ("median_step_s", "tok_per_s", "mfu_nominal", "mfu_measured", "peak_mem_gib", "attention_backend",
+                "timed_steps", "last_loss")
+        return {k: result[k] for k in keys if result.get(k) is not None}
+    return {f"attention_{b}_s": s for b, s in result["model_attention_fwd_bwd_s"].items() if s is not None}
+
+
+def bench(cfg: BenchConfig, run: Any) -> dict:
+    if cfg.task == "train":
+        from chatlm.bench.train_bench import bench_train
+
+        result = bench_train(cfg, run)
+    else:
+        from chatlm.bench.attention_bench import bench_attention
+
+        result = bench_attention(cfg, run)
+    if run.ctx.is_main:
+        path = run.path / "bench.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print_table(result)
+        log.info("wrote %s", path)
+    return summary(result)
+
+
+def main() -> None:
+    from chatlm.app import run_stage
+
+    run_stage("bench", bench)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""`python -m chatlm.bench` on the CPU with the tiny model: the JSON's numbers agree with each other."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatlm import config as C
+from chatlm.app import group_options, to_typed
+from chatlm.bench.attention_bench import attended_pairs, reference_attention
+from chatlm.model import GPT
+from chatlm.model.attention import window_mask
+from chatlm.runtime.flops import train_flops_per_token
+
+from .conftest import REPO, load_record, run_dirs
+
+TINY = ["model=tiny", "hardware=cpu", "model.vocab_size=512"]
+
+
+def _bench_json(tmp_path: Path, run_name: str) -> tuple[dict, Path]:
+    dirs = [d for d in run_dirs(tmp_path / "outputs", "bench") if d.name.endswith(run_name)]
+    assert len(dirs) == 1, dirs
+    return json.loads((dirs[0] / "bench.json").read_text()), dirs[0]
+
+
+def test_train_task_numbers_are_consistent(run_stage, tmp_path):
+    # 2 x 128 tokens per micro-batch, 2 accumulation steps; 6 steps of which 2 are warm-up
+    p = run_stage("bench", *TINY, "steps=6", "warmup_steps=2", "hardware.device_batch_size=2",
+                  "total_batch_size=512", "hardware.peak_flops=1e12", "hardware.measured_flops=4e11")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, run_dir = _bench_json(tmp_path, "train_tiny")
+
+    assert (r["task"], r["device"], r["attention_backend"], r["compile"], r["dtype"], r["fp8"]) == (
+        "train", "cpu", "sdpa", False, "float32", False)
+    assert (r["tokens_per_step"], r["device_batch_size"], r["seq_len"], r["grad_accum"]) == (512, 2, 128, 2)
+    # every step was timed, the warm-up ones are left out of the statistics
+    assert r["steps"] == 6 and len(r["step_times_s"]) == 6 and len(r["losses"]) == 6
+    timed = r["step_times_s"][2:]
+    assert r["timed_steps"] == 4 == len(timed)
+    assert r["median_step_s"] == pytest.approx(statistics.median(timed), rel=1e-12)
+    assert r["min_step_s"] == min(timed) and r["max_step_s"] == max(timed)
+    assert r["first_step_s"] == r["step_times_s"][0]
+    assert r["tok_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_step_s"], rel=1e-9)
+    # FLOPs/token is the model's own count (flops.py's formula), MFU divides by the configured peaks
+    with torch.device("meta"):
+        model = GPT(C.ModelConfig(name="tiny", depth=2, aspect_ratio=32, head_dim=32, sequence_len=128,
+                                  window_round=32), 512)
+    d = model.dims
+    assert r["flops_per_token"] == model.flops_per_token() == train_flops_per_token(
+        model.num_matmul_params(), d.n_head, d.head_dim, d.windows, d.sequence_len)
+    assert r["peak_flops_nominal"] == 1e12 and r["ceiling"] is None
+    assert r["mfu_nominal"] == pytest.approx(r["flops_per_token"] * r["tok_per_s"] / 1e12, rel=1e-9)
+    assert (r["ceiling_flops"], r["ceiling_source"]) == (4e11, "hardware.measured_flops")
+    assert r["mfu_measured"] == pytest.approx(r["mfu_nominal"] * 1e12 / 4e11, rel=1e-9)
+    assert r["peak_mem_gib"] is None and r["losses_finite"]
+    assert r["first_loss"] == pytest.approx(6.24, abs=0.1)  # ln(512): random ids, fresh model
+
+    record = load_record(run_dir)
+    assert record["status"] == "completed"
+    assert record["final_metrics"]["tok_per_s"] == pytest.approx(r["tok_per_s"])
+    assert "chatlm bench: train" in p.stdout and "tok/s" in p.stdout
+
+    # the device script's summary reads the same file
+    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/bench_summary.py"), str(run_dir / "bench.json")],
+                         capture_output=True, text=True, check=True).stdout
+    assert f"{r['tok_per_s']:,.0f} tok/s" in out
+
+
+def test_train_task_without_peaks_reports_na(run_stage, tmp_path):
+    p = run_stage("bench", *TINY, "steps=2", "warmup_steps=1", "hardware.device_batch_size=1",
+                  "total_batch_size=128")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, _ = _bench_json(tmp_path, "train_tiny")
+    assert r["timed_steps"] == 1 and r["median_step_s"] == r["step_times_s"][1]
+    assert r["mfu_nominal"] is None and r["mfu_measured"] is None and r["ceiling_flops"] is None
+
+
+def test_attention_task_numbers_are_consistent(run_stage, tmp_path):
+    p = run_stage("bench", *TINY, "task=attention", "attn_batch_size=2", "attn_iters=3", "attn_warmup=1",
+                  "attn_check_rows=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, _ = _bench_json(tmp_path, "attention_tiny")
+    B, T, H, D = r["batch"], r["seq_len"], r["n_head"], r["head_dim"]
+    assert (B, T, H, D, r["windows"]) == (2, 128, 2, 32, "SL")
+    assert r["backends"] == ["sdpa"] and set(r["skipped"]) == {"fa4", "flex"}  # both need CUDA
+    by_window = {e["window"]: e for e in r["results"]}
+    assert sorted(by_window) == [32, 128] and all(e["layers"] == 1 for e in r["results"])
+    for w, e in by_window.items():
+        assert len(e["fwd_bwd_times_s"]) == 3
+        assert e["fwd_bwd_s"] == pytest.approx(statistics.median(e["fwd_bwd_times_s"]), rel=1e-12)
+        assert e["attended_pairs"] == int(window_mask(T, T, w, "cpu").sum())
+        assert e["effective_flops"] == 14 * B * H * D * e["attended_pairs"]
+        assert e["model_flops"] == 12 * H * D * min(w, T) * B * T
+        assert e["effective_tflops"] == pytest.approx(e["effective_flops"] / e["fwd_bwd_s"] / 1e12, rel=1e-9)
+        assert e["max_abs_err"] < 1e-4  # fp32 kernel against the fp32 reference
+        assert set(e["errors"]) == {"out", "dq", "dk", "dv"}
+    assert by_window[128]["attended_pairs"] == T * (T + 1) // 2  # the long window is full causal
+    total = sum(e["fwd_bwd_s"] * e["layers"] for e in r["results"])
+    assert r["model_attention_fwd_bwd_s"]["sdpa"] == pytest.approx(total, rel=1e-12)
+    assert "chatlm bench: attention" in p.stdout
+
+
+@pytest.mark.parametrize("T,w", [(16, 0), (16, 3), (16, 15), (16, 40), (7, 2)])
+def test_attended_pairs_counts_the_mask(T, w):
+    assert attended_pairs(T, w) == int(window_mask(T, T, w, "cpu").sum())
+
+
+def test_reference_attention_matches_sdpa_with_gqa():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 4, 8, generator=g)
+    k, v = torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g)
+    ref = reference_attention(q, k, v, window=3)
+    mask = window_mask(9, 9, 3, "cpu")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(ref, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_composes_with_every_model(compose):
+    for option in group_options("model"):
+        typed = to_typed(compose("bench", [f"model={option}"]))
+        assert isinstance(typed, C.BenchConfig) and typed.model.name == option
+    d = to_typed(compose("bench"))
+    assert (d.task, d.tokens, d.steps, d.warmup_steps, d.model.name, d.ceiling_size) == (
+        "train", "synthetic", 30, 10, "d12", 8192)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("task=speed", "task"),
+    ("tokens=random", "tokens"),
+    ("warmup_steps=30", "warmup_steps"),
+    ("steps=0", "steps"),
+    ("attn_backends=[fa3]", "attn_backends"),
+    ("attn_batch_size=0", "attn_batch_size"),
+])
+def test_bad_bench_values_name_the_key(compose, override, key):
+    with pytest.raises(C.ConfigError) as e:
+        to_typed(compose("bench", [override]))
+    assert e.value.key == key
