@@ -143,3 +143,13 @@ def test_bad_bench_values_name_the_key(compose, override, key):
     with pytest.raises(C.ConfigError) as e:
         to_typed(compose("bench", [override]))
     assert e.value.key == key
+
+
+def test_train_task_on_real_shards(run_stage, tmp_path):
+    # tokens=data: the embedded shards through the training loader, tokenizer trained first
+    p = run_stage("bench", "model=tiny", "hardware=cpu", "tokens=data", "tokenizer=bpe8k", "auto_tokenizer=true",
+                  "steps=3", "warmup_steps=1", "hardware.device_batch_size=2", "total_batch_size=256")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, _ = _bench_json(tmp_path, "train_tiny")
+    assert (r["tokens"], r["vocab_size"], r["timed_steps"]) == ("data", 8192, 2)
+    assert r["losses_finite"] and r["first_loss"] == pytest.approx(9.0, abs=0.2)  # ln(8192) at init
