@@ -153,3 +153,28 @@ def test_train_task_on_real_shards(run_stage, tmp_path):
     r, _ = _bench_json(tmp_path, "train_tiny")
     assert (r["tokens"], r["vocab_size"], r["timed_steps"]) == ("data", 8192, 2)
     assert r["losses_finite"] and r["first_loss"] == pytest.approx(9.0, abs=0.2)  # ln(8192) at init
+
+
+def test_profile_steps_are_extra_and_summarized(run_stage, tmp_path):
+    p = run_stage("bench", *TINY, "steps=3", "warmup_steps=1", "hardware.device_batch_size=2",
+                  "total_batch_size=256", "profile_steps=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, run_dir = _bench_json(tmp_path, "train_tiny")
+    # the profiled steps are not part of the statistics
+    assert r["timed_steps"] == 2 and len(r["step_times_s"]) == 3 and len(r["losses"]) == 3
+    prof = r["profile"]
+    assert prof["steps"] == 2 and len(prof["step_times_s"]) == 2 and prof["clock"] == "operator self CPU time"
+    assert sum(prof["by_category_ms_per_step"].values()) == pytest.approx(prof["total_ms_per_step"], rel=1e-6)
+    assert prof["top"] and "matmul" in prof["by_category_ms_per_step"]
+    assert (run_dir / "profile.txt").is_file() and "profile" in p.stdout
+
+
+def test_kernel_categories():
+    from chatlm.bench.profile import categorize
+
+    assert categorize("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert categorize("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert categorize("triton_tem_fused_flex_attention_0") == "attention"
+    assert categorize("triton_red_fused__to_copy_add_mean_mul_0").startswith("fused triton")
+    assert categorize("Memcpy HtoD (Pinned -> Device)") == "memory copies"
+    assert categorize("void at::native::vectorized_elementwise_kernel") == "other"

@@ -446,9 +446,15 @@ class TrainConfig(StageConfig):
     init_from: Optional[str] = None
     auto_tokenizer: bool = False
     stop_at_step: int = -1
+    overfit_batches: int = 0
+    profile_steps: int = 0
+    profile_start: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.overfit_batches < 0 or self.profile_steps < 0 or self.profile_start < 0:
+            key = next(k for k in ("overfit_batches", "profile_steps", "profile_start") if getattr(self, k) < 0)
+            raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.steps == 0 or self.steps < -1:
             raise ConfigError("steps", f"must be -1 (derive the horizon) or >= 1, got {self.steps}")
         if self.steps == -1 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
@@ -482,6 +488,7 @@ class BenchConfig(StageConfig):
     attn_iters: int = 20
     attn_warmup: int = 5
     attn_check_rows: int = 1
+    profile_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -500,8 +507,9 @@ class BenchConfig(StageConfig):
         for key in ("ceiling_size", "ceiling_iters", "attn_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.attn_warmup < 0 or self.attn_check_rows < 0:
-            raise ConfigError("attn_warmup" if self.attn_warmup < 0 else "attn_check_rows", "must be >= 0")
+        for key in ("attn_warmup", "attn_check_rows", "profile_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.attn_batch_size != -1 and self.attn_batch_size < 1:
             raise ConfigError("attn_batch_size", f"must be -1 (hardware.device_batch_size) or >= 1, "
                                                  f"got {self.attn_batch_size}")

@@ -42,7 +42,18 @@ def train_rows(r: dict) -> list[tuple[str, str]]:
         ("peak memory", "n/a (not a CUDA device)" if r["peak_mem_gib"] is None else
          f"{r['peak_mem_gib']:.1f} GiB allocated, {r['peak_reserved_gib']:.1f} GiB reserved"),
         ("loss", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"),
-    ]
+    ] + profile_rows(r.get("profile"))
+
+
+def profile_rows(p: Optional[dict]) -> list[tuple[str, str]]:
+    if not p:
+        return []
+    rows = [("profile", f"{p['steps']} extra steps: {p['total_ms_per_step']:,.1f} ms of {p['clock']} per step")]
+    rows += [(f"  {k}", f"{v:,.1f} ms/step ({100 * v / p['total_ms_per_step']:.0f} %)")
+             for k, v in p["by_category_ms_per_step"].items()]
+    rows += [(f"  top {i + 1}", f"{e['ms_per_step']:,.1f} ms/step, {e['calls_per_step']:g} calls: {e['name'][:70]}")
+             for i, e in enumerate(p["top"][:5])]
+    return rows
 
 
 def attention_rows(r: dict) -> list[tuple[str, ...]]:

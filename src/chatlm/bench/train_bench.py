@@ -123,35 +123,53 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
     # --- the timed loop (the step of chatlm.train.train, repeated here)
     step_times: list[float] = []
     losses: list[float] = []
+    batch = [next_batch()]
+
+    def run_step(step: int) -> float:
+        t0 = time.perf_counter()
+        x, y = batch[0]
+        for _ in range(accum):
+            loss = train_model(x, y)
+            scaler.scale_loss(loss / accum).backward()
+            x, y = next_batch()  # host work overlaps the queued device work
+        batch[0] = (x, y)
+        optimizer.set_hyperparameters(
+            lr_multiplier_from_config(cfg.schedule, step, N),
+            muon_momentum(step, N, cfg.schedule.warmdown_ratio, cfg.optim.momentum_start, cfg.optim.momentum,
+                          cfg.optim.momentum_warmup_steps, cfg.optim.momentum_end),
+            muon_weight_decay(step, N, plan.muon_weight_decay))
+        finite_grads = scaler.unscale_and_check(params)
+        last = loss.detach().item()  # the one host sync of the step
+        if finite_grads:
+            optimizer.step()
+        scaler.update(finite_grads)
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        step_times.append(time.perf_counter() - t0)
+        losses.append(last)
+        return last
+
+    profile = None
     try:
-        x, y = next_batch()
         for step in range(N):
-            t0 = time.perf_counter()
-            for _ in range(accum):
-                loss = train_model(x, y)
-                scaler.scale_loss(loss / accum).backward()
-                x, y = next_batch()
-            optimizer.set_hyperparameters(
-                lr_multiplier_from_config(cfg.schedule, step, N),
-                muon_momentum(step, N, cfg.schedule.warmdown_ratio, cfg.optim.momentum_start, cfg.optim.momentum,
-                              cfg.optim.momentum_warmup_steps, cfg.optim.momentum_end),
-                muon_weight_decay(step, N, plan.muon_weight_decay))
-            finite_grads = scaler.unscale_and_check(params)
-            last = loss.detach().item()
-            if finite_grads:
-                optimizer.step()
-            scaler.update(finite_grads)
-            optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            losses.append(last)
+            last = run_step(step)
             if step == 0:  # as chatlm.train: freeze the GC after the first step
                 gc.collect()
                 gc.freeze()
                 gc.disable()
-            log.info("step %d/%d | %.1f ms | loss %.4f%s", step + 1, N, 1000 * dt, last,
+            log.info("step %d/%d | %.1f ms | loss %.4f%s", step + 1, N, 1000 * step_times[-1], last,
                      " (warm-up)" if step < cfg.warmup_steps else "")
+        if cfg.profile_steps > 0:
+            from chatlm.bench.profile import profile_steps
+
+            timed_times, timed_losses = list(step_times), list(losses)
+            profile = profile_steps(lambda: run_step(N - 1), cfg.profile_steps, device,
+                                    trace_dir=run.path if ctx.is_main else None)
+            profile["step_times_s"] = step_times[N:]
+            step_times[:], losses[:] = timed_times, timed_losses
+            log.info("profile of %d steps: %.1f ms of %s per step: %s", cfg.profile_steps,
+                     profile["total_ms_per_step"], profile["clock"],
+                     ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms_per_step"].items()))
     finally:
         gc.enable()
 
@@ -189,5 +207,6 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
         "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None,
         "losses": losses, "first_loss": losses[0], "last_loss": losses[-1],
         "losses_finite": all(math.isfinite(v) for v in losses),
+        "profile": profile,
     }
     return result
