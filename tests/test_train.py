@@ -211,3 +211,25 @@ def test_init_from_refuses_another_architecture(tmp_path, run_stage, env):
     assert r.returncode != 0 and "model.depth: checkpoint 2, config 3" in r.stderr and "Traceback" not in r.stderr
     ok = train(run_stage, env, "steps=2", f"init_from={tmp_path}/a")
     assert ok.returncode == 0 and "initialized weights from" in ok.stdout
+
+
+def test_debug_overfit_memorizes_one_batch(tmp_path, run_stage, env):
+    r = run_stage("train", "debug=overfit", "eval_tokens=1024", f"hydra.run.dir={tmp_path / 'of'}", env=env,
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loss = losses(tmp_path / "of")
+    assert abs(loss[1] - math.log(8192)) < 0.05
+    assert loss[100] < 0.1  # one repeated batch is memorized; a broken model/optimizer stays high
+    assert load_record(tmp_path / "of")["final_metrics"]["val_bpb"] > 1.0  # ...and it generalizes nothing
+
+
+def test_debug_profile_writes_a_trace_of_the_chosen_steps(tmp_path, run_stage, env):
+    tiny = ["model=tiny", "hardware=cpu", "precision=fp32", "tokenizer=bpe8k", "auto_tokenizer=true",
+            "total_batch_size=512", "eval_tokens=1024"]
+    r = run_stage("train", "debug=profile", *tiny, "steps=4", "profile_start=1", "profile_steps=2",
+                  f"hydra.run.dir={tmp_path / 'p'}", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trace = json.loads((tmp_path / "p" / "profile" / "trace_rank0.json").read_text())
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("aten::mm" in n or "aten::addmm" in n for n in names)  # the matmuls of the steps are in it
+    assert "Self CPU" in (tmp_path / "p" / "profile" / "summary_rank0.txt").read_text()

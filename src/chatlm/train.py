@@ -38,6 +38,7 @@ from chatlm.optim import build_optimizer, depth_transfer, lr_multiplier_from_con
 from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime import checkpoint as ckpt
 from chatlm.runtime.flops import mfu, peak_flops
+from chatlm.runtime.profile import StepProfiler
 from chatlm.runtime.rundir import Preempted, Run, config_hash
 from chatlm.runtime.sinks import ProgressReporter, open_sinks
 from chatlm.tokenizer import Tokenizer, tokenizer_dir
@@ -167,6 +168,25 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
                           + "\n  ".join(diff) + "\nset these model.* keys to the checkpoint's values")
 
 
+class RepeatBatches:
+    """`overfit_batches=N` (debug=overfit): the first N micro-batches, over and over. A model and
+    optimizer that cannot drive the loss on them towards zero have a bug."""
+
+    def __init__(self, loader: Any, n: int) -> None:
+        self.loader, self.n, self.batches, self.i = loader, n, [], 0
+
+    def next_batch(self) -> Any:
+        if len(self.batches) < self.n:
+            self.batches.append(self.loader.next_batch())
+            return self.batches[-1]
+        batch = self.batches[self.i % self.n]
+        self.i += 1
+        return batch
+
+    def state_dict(self, **kwargs: Any) -> dict:
+        return self.loader.state_dict(**kwargs)
+
+
 class StopSignal:
     """Turns SIGTERM/SIGUSR1/SIGUSR2 into a flag checked once per step (all ranks agree via all_reduce).
 
@@ -286,6 +306,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     loader = make_loader([(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)], tok, B, T,
                          rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
                          threads=cfg.data.tokenizer_threads, state=loader_state)
+    if cfg.overfit_batches > 0:
+        loader = RepeatBatches(loader, cfg.overfit_batches)
     eval_steps = max(1, cfg.eval_tokens // (B * T * ctx.world_size))
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
     sweep = (run.record().get("sweep") or {}) if ctx.is_main else {}
@@ -294,6 +316,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                        resume_step=step if found is not None else None)
     progress = ProgressReporter(N, is_main=ctx.is_main)
     start_step = step
+    profiler = StepProfiler(run.path, ctx.rank, start_step + cfg.profile_start, cfg.profile_steps, device)
 
     def save(at: int) -> None:
         if not weights_finite():  # never let a checkpoint replace the last good one with inf/nan weights
@@ -425,6 +448,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                     run.log_metrics(**row)
                     sinks.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
                 progress.update(step, loss=smooth, lrm=lrm, dt_ms=1000 * dt, tok_per_s=tok_s, mfu=util)
+                profiler.step(step)
 
                 if stop.agreed(ctx) or step == cfg.stop_at_step:
                     save(step)
@@ -445,6 +469,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         exit_code = 0
         return final
     finally:
+        profiler.finish()  # (a run shorter than the profiled window still writes what it saw)
         gc.enable()
         progress.close()
         sinks.close(exit_code=exit_code)
