@@ -178,3 +178,14 @@ def test_kernel_categories():
     assert categorize("triton_red_fused__to_copy_add_mean_mul_0").startswith("fused triton")
     assert categorize("Memcpy HtoD (Pinned -> Device)") == "memory copies"
     assert categorize("void at::native::vectorized_elementwise_kernel") == "other"
+
+
+def test_annotations_are_not_kernels():
+    from types import SimpleNamespace
+
+    from chatlm.bench.profile import is_annotation
+
+    assert is_annotation(SimpleNamespace(key="Optimizer.step#MuonAdamW.step"))
+    assert is_annotation(SimpleNamespace(key="ProfilerStep*"))
+    assert is_annotation(SimpleNamespace(key="my_range", is_user_annotation=True))
+    assert not is_annotation(SimpleNamespace(key="nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN"))

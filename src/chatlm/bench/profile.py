@@ -31,6 +31,12 @@ def categorize(name: str) -> str:
     return "other"
 
 
+def is_annotation(event: Any) -> bool:
+    """A user/record_function range rather than a kernel or operator (its time would count twice)."""
+    name = str(event.key)
+    return bool(getattr(event, "is_user_annotation", False)) or "#" in name or name.startswith("ProfilerStep")
+
+
 def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device,
                   trace_dir: Optional[Path] = None, top: int = 25) -> dict[str, Any]:
     """Run `run_step` `steps` times under torch.profiler and summarize its kernels per step."""
@@ -43,6 +49,8 @@ def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device
     on_cuda = device.type == "cuda"
     rows = []
     for e in prof.key_averages():
+        if is_annotation(e):
+            continue  # record_function ranges (e.g. "Optimizer.step#MuonAdamW.step") overlap the kernels
         if on_cuda:
             if str(getattr(e, "device_type", "")).endswith("CUDA") and e.self_device_time_total > 0:
                 rows.append((e.key, e.self_device_time_total, e.count))
