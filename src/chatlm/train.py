@@ -168,6 +168,13 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
                           + "\n  ".join(diff) + "\nset these model.* keys to the checkpoint's values")
 
 
+def fp8_off(model: torch.nn.Module) -> Any:
+    """Context: `model` with its Float8Linears swapped back to bf16 Linears (a no-op without fp8)."""
+    from chatlm.model.fp8 import fp8_disabled
+
+    return fp8_disabled(model)
+
+
 class RepeatBatches:
     """`overfit_batches=N` (debug=overfit): the first N micro-batches, over and over. A model and
     optimizer that cannot drive the loss on them towards zero have a bug."""
@@ -266,8 +273,14 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         model = GPT(cfg.model, tok.vocab_size, dtype, backend)
     model.to_empty(device=device)
     model.init_weights()
-    log.info("attention backend: %s | compute dtype %s (%s) | compile %s", backend, policy.dtype_name,
-             policy.dtype_reason, policy.compile)
+    n_fp8 = 0
+    if policy.fp8:  # before compile: the compiled graph must see the Float8Linears
+        from chatlm.model.fp8 import convert_to_fp8
+
+        n_fp8 = convert_to_fp8(model)
+    log.info("attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d", backend,
+             policy.dtype_name, policy.dtype_reason, policy.compile, n_fp8)
+    run.record_derived(attention_backend=backend, fp8_linears=n_fp8)
     train_model = policy.maybe_compile(model, dynamic=False)
     optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
                                 compute_dtype=dtype, compile=policy.compile)
@@ -359,7 +372,11 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         val = make_loader([([v], s.weight) for (_, v), s in zip(splits, cfg.data.sources)], tok, B, T,
                           rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
                           threads=cfg.data.tokenizer_threads, infinite=False)
-        bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
+        if n_fp8:  # nanochat evaluates in bf16: plain Linears sharing the weights, uncompiled (no recompiles)
+            with fp8_off(model) as plain:
+                bpb = evaluate_bpb(plain, val, token_bytes, max_steps=eval_steps)
+        else:
+            bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
         loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
         run.log_metrics(step=at, tokens=at * plan.total_batch_size, val_bpb=bpb)
         sinks.log({"val/bpb": bpb}, step=at)
@@ -371,7 +388,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             return
         from chatlm.engine.generate import SAMPLE_PROMPTS, sample_texts
 
-        texts = sample_texts(model, tok, SAMPLE_PROMPTS, max_new_tokens=16)
+        with fp8_off(model) as plain:
+            texts = sample_texts(plain, tok, SAMPLE_PROMPTS, max_new_tokens=16)
         lines = [f"{p!r} -> {t!r}" for p, t in zip(SAMPLE_PROMPTS, texts)]
         (run.path / "samples").mkdir(exist_ok=True)
         (run.path / "samples" / f"step_{at:06d}.txt").write_text("\n".join(lines) + "\n")
