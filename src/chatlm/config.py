@@ -422,15 +422,22 @@ class TokenizeConfig(StageConfig):
 
 
 @dataclass
-class TrainConfig(StageConfig):
-    """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
+class ModelStageConfig(StageConfig):
+    """What every stage that builds and trains the model composes: model, optimizer, schedule,
+    data and tokenizer groups."""
 
-    stage: str = "train"
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class TrainConfig(ModelStageConfig):
+    """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
+
+    stage: str = "train"
     steps: int = -1
     target_flops: float = -1.0
     target_param_data_ratio: float = 12.0
@@ -464,16 +471,11 @@ class TrainConfig(StageConfig):
 
 
 @dataclass
-class BenchConfig(StageConfig):
+class BenchConfig(ModelStageConfig):
     """`python -m chatlm.bench`: throughput/MFU of training steps (task=train) or attention kernels
     (task=attention), built exactly as training builds them; results go to bench.json."""
 
     stage: str = "bench"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     task: str = "train"
     tokens: str = "synthetic"
     steps: int = 30
