@@ -7,7 +7,7 @@ and is not reusable, so `_step` below repeats its few lines: accumulate `grad_ac
 set the schedule's hyperparameters, one `.item()`, optimizer step, zero_grad, synchronize.
 
 fp8: `precision=fp8` converts the eligible Linears to Float8Linear before compile, as nanochat's
-base_train does (chatlm.train does not do this yet; see docs/performance.md).
+base_train and chatlm.train do.
 """
 
 from __future__ import annotations
