@@ -242,3 +242,30 @@ def test_show_names_the_job_its_logs_and_the_users_command(slurm_cluster, tmp_pa
     job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
     assert f"job          {job['job_id']} (slurm)" in show.stdout and job["stdout"] in show.stdout
     assert f"slurm job {rec['slurm']['job_id']} restart 0" in show.stdout
+
+
+def test_submit_without_waiting_then_summarize(slurm_cluster, tmp_path, env):
+    """hydra.launcher.wait=false: the command returns once the array is queued; the jobs finish on
+    their own and `chatlm runs summarize` writes the summary afterwards."""
+    import time
+
+    sweep = tmp_path / "sweep"
+    t0 = time.time()
+    r = chatlm("train", *SMOKE, "cluster=slurm_cpu", "hydra.launcher.wait=false", "seed=1,2",
+               f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not waiting" in r.stderr + r.stdout and "chatlm runs summarize" in r.stderr + r.stdout
+    assert not (sweep / "summary.md").exists()  # nothing to summarize yet
+    jobs = json.loads((sweep / "sweep.json").read_text())["jobs"]
+    assert len(jobs) == 2 and all(j["job_id"] for j in jobs)
+    deadline = t0 + 240
+    while time.time() < deadline:
+        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(j["job_id"] for j in jobs)],
+                                capture_output=True, text=True).stdout.split()
+        if len(states) == 2 and all(s == "COMPLETED" for s in states):
+            break
+        time.sleep(1)
+    s = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "summarize", str(sweep)], env=env,
+                       capture_output=True, text=True)
+    assert s.returncode == 0, s.stderr
+    assert [row["status"] for row in summary_rows(sweep)] == ["completed", "completed"]

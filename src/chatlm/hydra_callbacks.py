@@ -61,6 +61,16 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _failure
+        from chatlm.launcher import take_submitted
+
+        submitted = take_submitted()
+        if submitted is not None:  # hydra.launcher.wait=false: the jobs run on without us
+            self._written = True
+            log.info("submitted %d job(s) (%s) and not waiting. Follow them with `squeue --me` and "
+                     "`chatlm runs ls %s`; when they are done, `chatlm runs summarize %s` writes the summary",
+                     len(submitted["jobs"]), ", ".join(submitted["jobs"]), submitted["sweep_dir"],
+                     submitted["sweep_dir"])
+            return
         rows = self._write()
         bad = [r for r in rows if r["status"] != "completed"]
         if bad:

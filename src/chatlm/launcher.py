@@ -44,7 +44,15 @@ from chatlm.runtime.rundir import atomic_write_text, mark_failed_if_running, now
 log = logging.getLogger("chatlm")
 
 SWEEP_RECORD = "sweep.json"
-_CHATLM_KEYS = ("only_jobs", "preflight")
+_CHATLM_KEYS = ("only_jobs", "preflight", "wait")
+_submitted_only: Optional[dict] = None
+
+
+def take_submitted() -> Optional[dict]:
+    """Set when the last launch submitted without waiting ({'sweep_dir', 'jobs'}); forgets it."""
+    global _submitted_only
+    value, _submitted_only = _submitted_only, None
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,6 +64,7 @@ class ChatlmSlurmConf(SlurmQueueConf):
     _target_: str = "hydra_plugins.chatlm_launcher.launchers.ChatlmSlurmLauncher"
     only_jobs: Optional[List[int]] = None  # submit only these job numbers of the sweep (None: all)
     preflight: bool = True  # check partition, nodes, GPUs and CPUs with sinfo before submitting
+    wait: bool = True  # wait for the jobs and summarize; false: submit, print where to look, exit
 
 
 @dataclass
@@ -63,6 +72,7 @@ class ChatlmLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.chatlm_launcher.launchers.ChatlmLocalLauncher"
     only_jobs: Optional[List[int]] = None
     preflight: bool = True  # (nothing to check locally)
+    wait: bool = True  # (local jobs are children of this process: always waited for)
 
 
 def register() -> None:
@@ -184,6 +194,7 @@ class ChatlmLauncherMixin:
     def __init__(self, **params: Any) -> None:
         self.only_jobs = params.pop("only_jobs", None)
         self.preflight = bool(params.pop("preflight", True))
+        self.wait = bool(params.pop("wait", True)) or self._EXECUTOR == "local"
         super().__init__(**params)  # type: ignore[call-arg]
 
     # -- in the job --------------------------------------------------------------------------
@@ -256,6 +267,11 @@ class ChatlmLauncherMixin:
             log.info("\t#%d -> job %s (log: %s)", info["num"], job.job_id, info["stdout"])
         record = self._merge_record(sweep_dir, jobs_info)
         write_sweep_record(sweep_dir, record)
+        if not self.wait:
+            global _submitted_only
+            _submitted_only = {"sweep_dir": str(sweep_dir), "jobs": [i["job_id"] for i in jobs_info]}
+            return [JobReturn(overrides=i["overrides"], status=JobStatus.COMPLETED,
+                              _return_value={"status": "submitted", "job_id": i["job_id"]}) for i in jobs_info]
 
         results = []
         for info, job in zip(jobs_info, jobs):
