@@ -269,3 +269,32 @@ def test_submit_without_waiting_then_summarize(slurm_cluster, tmp_path, env):
                        capture_output=True, text=True)
     assert s.returncode == 0, s.stderr
     assert [row["status"] for row in summary_rows(sweep)] == ["completed", "completed"]
+
+
+def test_job_killed_outright_is_closed_as_failed_by_the_launcher(slurm_cluster, tmp_path, env):
+    """SIGKILL (an OOM kill, a dead node): the job cannot close its own record; the launcher does,
+    naming the job's log, and the sweep still ends with a summary."""
+    import time
+
+    sweep = tmp_path / "sweep"
+    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *SMOKE, "total_batch_size=4096", "steps=40",
+                          "cluster=slurm_cpu", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        dirs = job_dirs(sweep) if sweep.is_dir() else []
+        if dirs and (dirs[0] / "metrics.jsonl").exists() and len(losses(dirs[0])) >= 2:
+            break
+        time.sleep(0.5)
+    job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
+    # kill -9 the rank process itself, as the kernel's OOM killer would (Slurm's own scancel sends SIGTERM first)
+    killed = subprocess.run(["pkill", "-KILL", "-f", f"submitit.core._submit {sweep}"], capture_output=True)
+    assert killed.returncode == 0
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 1 and "did not complete" in err, err[-3000:]
+    (d,) = job_dirs(sweep)
+    rec = load_record(d)
+    assert rec["status"] == "failed" and f"Slurm job {job['job_id']} ended without a result" in rec["error"]["message"]
+    assert job["stderr"] in rec["error"]["message"]
+    assert [row["status"] for row in summary_rows(sweep)] == ["failed"]
+    assert json.loads((sweep / "sweep.json").read_text())["jobs"][0]["state"] == "killed"
