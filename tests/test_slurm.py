@@ -7,7 +7,6 @@ Everything goes through the user's command line: `python -m chatlm.train ... clu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -49,6 +48,23 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def start_sweep_until_step(args: list[str], sweep: Path, step: int, *, cwd, env) -> subprocess.Popen:
+    """Start `python -m chatlm.train ARGS` in the background; return once its first point logged `step`."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *args, f"hydra.sweep.dir={sweep}"], cwd=cwd, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        dirs = job_dirs(sweep) if sweep.is_dir() else []
+        if dirs and (dirs[0] / "metrics.jsonl").exists() and len(losses(dirs[0])) >= step:
+            return p
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.5)
+    p.kill()
+    raise AssertionError(f"the sweep in {sweep} did not reach step {step} within 180 s")
 
 
 def summary_rows(sweep: Path) -> list[dict]:
@@ -196,18 +212,9 @@ def test_plain_sbatch_example_runs_two_ranks(slurm_cluster, tmp_path, env):
 def test_cancelled_job_keeps_its_checkpoint_and_retry_resume_finishes_it(slurm_cluster, tmp_path, env):
     """scancel (SIGTERM to every task): the loop checkpoints and the point ends `preempted`; the
     sweep command exits 1; `chatlm runs retry --resume` continues it to the uninterrupted losses."""
-    import time
-
     args = [*SMOKE, "total_batch_size=4096", "steps=20"]
     sweep = tmp_path / "sweep"
-    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *args, "cluster=slurm_cpu", f"hydra.sweep.dir={sweep}"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        dirs = job_dirs(sweep) if sweep.is_dir() else []
-        if dirs and (dirs[0] / "metrics.jsonl").exists() and len(losses(dirs[0])) >= 3:
-            break
-        time.sleep(0.5)
+    p = start_sweep_until_step([*args, "cluster=slurm_cpu"], sweep, 3, cwd=tmp_path, env=env)
     job_id = json.loads((sweep / "sweep.json").read_text())["jobs"][0]["job_id"]
     subprocess.run(["scancel", job_id], check=True)
     out, err = p.communicate(timeout=180)
@@ -274,18 +281,9 @@ def test_submit_without_waiting_then_summarize(slurm_cluster, tmp_path, env):
 def test_job_killed_outright_is_closed_as_failed_by_the_launcher(slurm_cluster, tmp_path, env):
     """SIGKILL (an OOM kill, a dead node): the job cannot close its own record; the launcher does,
     naming the job's log, and the sweep still ends with a summary."""
-    import time
-
     sweep = tmp_path / "sweep"
-    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *SMOKE, "total_batch_size=4096", "steps=40",
-                          "cluster=slurm_cpu", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        dirs = job_dirs(sweep) if sweep.is_dir() else []
-        if dirs and (dirs[0] / "metrics.jsonl").exists() and len(losses(dirs[0])) >= 2:
-            break
-        time.sleep(0.5)
+    p = start_sweep_until_step([*SMOKE, "total_batch_size=4096", "steps=40", "cluster=slurm_cpu"], sweep, 2,
+                               cwd=tmp_path, env=env)
     job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
     # kill -9 the rank process itself, as the kernel's OOM killer would (Slurm's own scancel sends SIGTERM first)
     killed = subprocess.run(["pkill", "-KILL", "-f", f"submitit.core._submit {sweep}"], capture_output=True)

@@ -329,9 +329,9 @@ def _user_argv(hc: Any, multirun: bool) -> list[str]:
     the submitting command is in the sweep record (sweep.json) that chatlm's launcher wrote."""
     argv = list(getattr(sys, "orig_argv", sys.argv))
     if multirun and any("submitit" in a for a in argv[:4]):
-        from chatlm.runtime.rundir import read_json
+        from chatlm.runs.summary import read_sweep_record
 
-        record = read_json(Path(str(hc.sweep.dir)) / "sweep.json") or {}
+        record = read_sweep_record(Path(str(hc.sweep.dir))) or {}
         return list(record.get("argv") or argv)
     return argv
 

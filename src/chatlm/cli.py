@@ -240,7 +240,7 @@ def _print_attempts_and_job(run) -> None:
             print(f"  {i}: {a.get('start')} -> {a.get('end')} {a.get('status')}{requeued}{where}{reason}")
     sweep = run.record.get("sweep") if isinstance(run.record.get("sweep"), dict) else None
     if sweep and sweep.get("dir"):
-        from chatlm.launcher import read_sweep_record
+        from chatlm.runs.summary import read_sweep_record
 
         record = read_sweep_record(Path(sweep["dir"])) or {}
         job = next((j for j in record.get("jobs", []) if j.get("num") == sweep.get("job_num")), None)

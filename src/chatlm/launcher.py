@@ -22,7 +22,6 @@ the requeued job lands in the same run directory and resumes from it (`resume=au
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -39,12 +38,11 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import OmegaConf, open_dict
 
-from chatlm.runtime.rundir import atomic_write_text, mark_failed_if_running, now_iso, read_json
+from chatlm.runs.summary import read_sweep_record, write_sweep_record
+from chatlm.runtime.rundir import SCHEMA_VERSION, mark_failed_if_running, now_iso
 
 log = logging.getLogger("chatlm")
 
-SWEEP_RECORD = "sweep.json"
-_CHATLM_KEYS = ("only_jobs", "preflight", "wait")
 _submitted_only: Optional[dict] = None
 
 
@@ -70,9 +68,7 @@ class ChatlmSlurmConf(SlurmQueueConf):
 @dataclass
 class ChatlmLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.chatlm_launcher.launchers.ChatlmLocalLauncher"
-    only_jobs: Optional[List[int]] = None
-    preflight: bool = True  # (nothing to check locally)
-    wait: bool = True  # (local jobs are children of this process: always waited for)
+    only_jobs: Optional[List[int]] = None  # submit only these job numbers of the sweep (None: all)
 
 
 def register() -> None:
@@ -171,18 +167,6 @@ def check_slurm_request(params: dict) -> Partition:
 
 
 # ----------------------------------------------------------------------------------------------
-# the sweep record
-
-
-def write_sweep_record(sweep_dir: Path, record: dict) -> None:
-    atomic_write_text(sweep_dir / SWEEP_RECORD, json.dumps(record, indent=2, default=str) + "\n")
-
-
-def read_sweep_record(sweep_dir: Path) -> Optional[dict]:
-    return read_json(Path(sweep_dir) / SWEEP_RECORD)
-
-
-# ----------------------------------------------------------------------------------------------
 # the launchers
 
 
@@ -226,8 +210,6 @@ class ChatlmLauncherMixin:
                 HydraConfig.instance().set_config(saved)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
         assert self.config is not None  # type: ignore[attr-defined]
         params = self.params  # type: ignore[attr-defined]
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()  # type: ignore[attr-defined]
@@ -341,7 +323,7 @@ def _record_unstarted(info: dict, message: str, stage: str) -> None:
 
     path = Path(info["run_dir"])
     path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "run.json", {"schema_version": 1, "stage": stage, "run_dir": str(path), "status": "failed",
+    write_json(path / "run.json", {"schema_version": SCHEMA_VERSION, "stage": stage, "run_dir": str(path), "status": "failed",
                                    "start_time": None, "end_time": now_iso(), "overrides": info["overrides"],
                                    "attempts": [], "final_metrics": {},
                                    "error": {"type": "JobKilled", "message": message, "traceback": None}})

@@ -20,7 +20,6 @@ and the run continues from it (resume=auto); the others start from scratch.
 from __future__ import annotations
 
 import datetime as dt
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ from typing import Optional
 import yaml
 
 from chatlm.errors import ChatlmError
+from chatlm.runs.summary import job_dirs_by_num, read_sweep_record
 from chatlm.runtime.rundir import read_json
 
-_JOB_DIR = re.compile(r"^(\d+)_")
 RETRY_STATUSES = ("failed", "preempted", "missing")
 
 
@@ -126,7 +125,8 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
     sweep_dir = Path(sweep_dir).absolute()
     if not sweep_dir.is_dir():
         raise RetryError(f"no such directory: {sweep_dir}")
-    record = read_json(sweep_dir / "sweep.json")
+    record = read_sweep_record(sweep_dir)
+    existing = job_dirs_by_num(sweep_dir)
     multirun = _multirun_config(sweep_dir) if record is None else {}
     if record is not None:
         target = (record.get("launcher") or {}).get("target", "")
@@ -137,7 +137,7 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
         points = _expand_points(plan.task_overrides)
         for num, point in enumerate(points):
             info = known.get(num)
-            run_dir = Path(info["run_dir"]) if info and info.get("run_dir") else _find_job_dir(sweep_dir, num)
+            run_dir = Path(info["run_dir"]) if info and info.get("run_dir") else existing.get(num)
             plan.points.append(Point(num, point, run_dir or sweep_dir / f"{num}_?", "missing"))
     else:
         hydra_cfg = multirun.get("hydra") or {}
@@ -145,20 +145,13 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
         plan = RetryPlan(sweep_dir, str(multirun.get("stage") or "train"), ".", False,
                          list(overrides.get("task") or []), list(overrides.get("hydra") or []), [])
         for num, point in enumerate(_expand_points(plan.task_overrides)):
-            run_dir = _find_job_dir(sweep_dir, num) or sweep_dir / f"{num}_{_dirname_for(point, hydra_cfg)}"
+            run_dir = existing.get(num) or sweep_dir / f"{num}_{_dirname_for(point, hydra_cfg)}"
             plan.points.append(Point(num, point, run_dir, "missing"))
     for p in plan.points:
         p.status = _status(p.run_dir)
         p.has_checkpoint = _has_checkpoint(p.run_dir)
     return plan
 
-
-def _find_job_dir(sweep_dir: Path, num: int) -> Optional[Path]:
-    for d in sweep_dir.iterdir():
-        m = _JOB_DIR.match(d.name)
-        if d.is_dir() and m and int(m.group(1)) == num:
-            return d
-    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 from chatlm.runtime.rundir import atomic_write_text, read_json
 
 _JOB_DIR = re.compile(r"^(\d+)_")
+SWEEP_RECORD = "sweep.json"  # written by chatlm's submitit launchers (chatlm.launcher)
 BASE_COLUMNS = ["job", "status", "overrides", "duration_s", "run_dir", "error"]
 
 
@@ -24,6 +25,22 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     """The job directories of a sweep (`<N>_<overrides>`), by job number."""
     found = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and _JOB_DIR.match(p.name)]
     return sorted(found, key=lambda p: int(_JOB_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def job_dirs_by_num(sweep_dir: Path) -> dict[int, Path]:
+    """{job number: job directory} of a sweep."""
+    return {int(_JOB_DIR.match(p.name).group(1)): p for p in job_dirs(sweep_dir)}  # type: ignore[union-attr]
+
+
+def read_sweep_record(sweep_dir: Path) -> dict | None:
+    """`<sweep>/sweep.json` (every point's job number, overrides, run directory, job id, logs), if any."""
+    return read_json(Path(sweep_dir) / SWEEP_RECORD)
+
+
+def write_sweep_record(sweep_dir: Path, record: dict) -> None:
+    import json
+
+    atomic_write_text(Path(sweep_dir) / SWEEP_RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def _overrides(job_dir: Path, record: dict) -> str:
