@@ -233,3 +233,15 @@ def test_debug_profile_writes_a_trace_of_the_chosen_steps(tmp_path, run_stage, e
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("aten::mm" in n or "aten::addmm" in n for n in names)  # the matmuls of the steps are in it
     assert "Self CPU" in (tmp_path / "p" / "profile" / "summary_rank0.txt").read_text()
+
+
+def test_run_stopped_at_its_last_step_resumes_with_its_final_loss(tmp_path, run_stage, env):
+    # a Slurm time limit can land on the very last step: the resumed attempt trains no step, and its
+    # final metrics must still carry the last training loss (found by tests/test_slurm.py)
+    run_dir = tmp_path / "last"
+    first = train(run_stage, env, "stop_at_step=5", f"hydra.run.dir={run_dir}")
+    assert first.returncode != 0 and load_record(run_dir)["status"] == "preempted"
+    again = train(run_stage, env, "stop_at_step=5", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = load_record(run_dir)
+    assert rec["status"] == "completed" and rec["final_metrics"]["train_loss"] == losses(run_dir)[5]

@@ -34,6 +34,7 @@ from chatlm.data.shards import list_shards
 from chatlm.data.sources import prepare_source
 from chatlm.errors import ChatlmError
 from chatlm.model import GPT, select_backend
+from chatlm.model.fp8 import convert_to_fp8, fp8_disabled
 from chatlm.optim import build_optimizer, depth_transfer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
 from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime import checkpoint as ckpt
@@ -168,13 +169,6 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
                           + "\n  ".join(diff) + "\nset these model.* keys to the checkpoint's values")
 
 
-def fp8_off(model: torch.nn.Module) -> Any:
-    """Context: `model` with its Float8Linears swapped back to bf16 Linears (a no-op without fp8)."""
-    from chatlm.model.fp8 import fp8_disabled
-
-    return fp8_disabled(model)
-
-
 class RepeatBatches:
     """`overfit_batches=N` (debug=overfit): the first N micro-batches, over and over. A model and
     optimizer that cannot drive the loss on them towards zero have a bug."""
@@ -275,8 +269,6 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     model.init_weights()
     n_fp8 = 0
     if policy.fp8:  # before compile: the compiled graph must see the Float8Linears
-        from chatlm.model.fp8 import convert_to_fp8
-
         n_fp8 = convert_to_fp8(model)
     log.info("attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d", backend,
              policy.dtype_name, policy.dtype_reason, policy.compile, n_fp8)
@@ -373,7 +365,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                           rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
                           threads=cfg.data.tokenizer_threads, infinite=False)
         if n_fp8:  # nanochat evaluates in bf16: plain Linears sharing the weights, uncompiled (no recompiles)
-            with fp8_off(model) as plain:
+            with fp8_disabled(model) as plain:
                 bpb = evaluate_bpb(plain, val, token_bytes, max_steps=eval_steps)
         else:
             bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
@@ -388,7 +380,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             return
         from chatlm.engine.generate import SAMPLE_PROMPTS, sample_texts
 
-        with fp8_off(model) as plain:
+        with fp8_disabled(model) as plain:
             texts = sample_texts(plain, tok, SAMPLE_PROMPTS, max_new_tokens=16)
         lines = [f"{p!r} -> {t!r}" for p, t in zip(SAMPLE_PROMPTS, texts)]
         (run.path / "samples").mkdir(exist_ok=True)
@@ -400,7 +392,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     try:
         x, y = loader.next_batch()
         val_bpb = float("nan")
-        last_loss = float("nan")
+        last_loss = loop.get("last_loss", float("nan"))  # (a run resumed at its last step trains no step)
         params = list(model.parameters())
         with StopSignal() as stop:
             while True:
@@ -451,6 +443,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                 if step > start_step + 10 or N - start_step <= 10:
                     loop["train_time"] += dt
                 beta = 0.9
+                loop["last_loss"] = last_loss
                 loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * last_loss
                 smooth = loop["smooth_loss"] / (1 - beta ** step)
                 tok_s = plan.total_batch_size / dt
