@@ -106,6 +106,23 @@ def test_attention_task_numbers_are_consistent(run_stage, tmp_path):
     assert "chatlm bench: attention" in p.stdout
 
 
+def test_loss_task_compares_each_kernel_with_the_plain_expression(run_stage, tmp_path):
+    p = run_stage("bench", *TINY, "task=loss", "loss_batch_size=2", "loss_iters=3", "loss_warmup=1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, _ = _bench_json(tmp_path, "loss_tiny")
+    assert r["rows"] == 2 * r["seq_len"] and r["padded_vocab_size"] % 64 == 0
+    by_variant = {e["variant"]: e for e in r["results"]}
+    assert list(by_variant) == ["plain", "fused", "fused_logits"]
+    for name, e in by_variant.items():
+        assert len(e["fwd_bwd_times_s"]) == 3
+        assert e["fwd_bwd_s"] == pytest.approx(statistics.median(e["fwd_bwd_times_s"]), rel=1e-12)
+        assert e["loss"] == pytest.approx(by_variant["plain"]["loss"], rel=1e-5)
+        if name != "plain":  # fp32 on CPU: the fused ops reproduce the plain loss and gradients
+            assert e["loss_diff"] < 1e-5 and e["grad_x_rel"] < 1e-5 and e["grad_w_rel"] < 1e-5
+    assert 5 < by_variant["plain"]["loss"] < 20  # logits with std ~4 over the vocabulary, softcapped
+    assert "chatlm bench: loss head" in p.stdout
+
+
 @pytest.mark.parametrize("T,w", [(16, 0), (16, 3), (16, 15), (16, 40), (7, 2)])
 def test_attended_pairs_counts_the_mask(T, w):
     assert attended_pairs(T, w) == int(window_mask(T, T, w, "cpu").sum())
@@ -138,6 +155,9 @@ def test_bench_composes_with_every_model(compose):
     ("steps=0", "steps"),
     ("attn_backends=[fa3]", "attn_backends"),
     ("attn_batch_size=0", "attn_batch_size"),
+    ("loss_kernels=[liger]", "loss_kernels"),
+    ("loss_batch_size=0", "loss_batch_size"),
+    ("loss_iters=0", "loss_iters"),
 ])
 def test_bad_bench_values_name_the_key(compose, override, key):
     with pytest.raises(C.ConfigError) as e:

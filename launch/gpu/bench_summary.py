@@ -1,4 +1,4 @@
-"""One line per bench.json (task=train or task=attention), for the end of a device call's output.
+"""One line per bench.json (task=train, attention or loss), for the end of a device call's output.
 
 usage: python launch/gpu/bench_summary.py bench_01.json bench_02.json ...
 """
@@ -23,6 +23,13 @@ def line(path: Path) -> list[str]:
                 f"({r['timed_steps']} steps, first {r['first_step_s']:.0f} s) | {r['tok_per_s']:,.0f} tok/s | MFU "
                 f"{pct(r['mfu_nominal'])} nominal, {pct(r['mfu_measured'])} of measured "
                 f"{(r['ceiling_flops'] or 0) / 1e12:.0f} TFLOP/s | peak {r['peak_mem_gib'] or 0:.1f} GiB"]
+    if r["task"] == "loss":
+        out = [f"{path.name}: loss head {r['model']} {r['rows']:,} rows x {r['n_embd']} -> {r['padded_vocab_size']:,}"]
+        for e in r["results"]:
+            errs = ", ".join(f"{k} {e[k]:.1e}" for k in ("loss_diff", "grad_x_rel", "grad_w_rel") if k in e)
+            out.append(f"  {e['variant']:12s}: fwd+bwd {1000 * e['fwd_bwd_s']:.2f} ms, +"
+                       f"{e.get('extra_peak_gib') or 0:.2f} GiB peak{', ' + errs if errs else ''}")
+        return out
     out = [f"{path.name}: attention {r['model']} B={r['batch']} T={r['seq_len']} H={r['n_head']} D={r['head_dim']}"]
     for e in r["results"]:
         if "fwd_bwd_s" in e:

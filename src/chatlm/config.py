@@ -52,6 +52,12 @@ class AttentionBackend(str, enum.Enum):
     sdpa = "sdpa"
 
 
+class LossKernel(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    plain = "plain"
+
+
 class OptimKind(str, enum.Enum):
     muon_adamw = "muon_adamw"
     adamw = "adamw"
@@ -126,6 +132,7 @@ class ModelConfig:
     x0_lambda_start: float = 0.20
     x0_lambda_end: float = 0.05
     attention_backend: AttentionBackend = AttentionBackend.auto
+    loss_kernel: LossKernel = LossKernel.auto
 
     def __post_init__(self) -> None:
         for key in ("depth", "aspect_ratio", "head_dim", "sequence_len", "vocab_pad_multiple",
@@ -472,8 +479,9 @@ class TrainConfig(ModelStageConfig):
 
 @dataclass
 class BenchConfig(ModelStageConfig):
-    """`python -m chatlm.bench`: throughput/MFU of training steps (task=train) or attention kernels
-    (task=attention), built exactly as training builds them; results go to bench.json."""
+    """`python -m chatlm.bench`: throughput/MFU of training steps (task=train), attention kernels
+    (task=attention) or the loss head (task=loss), built exactly as training builds them; results go
+    to bench.json."""
 
     stage: str = "bench"
     task: str = "train"
@@ -490,12 +498,16 @@ class BenchConfig(ModelStageConfig):
     attn_iters: int = 20
     attn_warmup: int = 5
     attn_check_rows: int = 1
+    loss_kernels: List[str] = field(default_factory=list)
+    loss_batch_size: int = -1
+    loss_iters: int = 20
+    loss_warmup: int = 5
     profile_steps: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.task not in ("train", "attention"):
-            raise ConfigError("task", f"must be 'train' or 'attention', got {self.task!r}")
+        if self.task not in ("train", "attention", "loss"):
+            raise ConfigError("task", f"must be 'train', 'attention' or 'loss', got {self.task!r}")
         if self.tokens not in ("synthetic", "data"):
             raise ConfigError("tokens", f"must be 'synthetic' (random ids) or 'data' (the data group's shards), "
                                         f"got {self.tokens!r}")
@@ -506,18 +518,22 @@ class BenchConfig(ModelStageConfig):
                                               f"got {self.warmup_steps}")
         if self.total_batch_size != -1 and self.total_batch_size < 1:
             raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
-        for key in ("ceiling_size", "ceiling_iters", "attn_iters"):
+        for key in ("ceiling_size", "ceiling_iters", "attn_iters", "loss_iters"):
             if getattr(self, key) < 1:
                 raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
-        for key in ("attn_warmup", "attn_check_rows", "profile_steps"):
+        for key in ("attn_warmup", "attn_check_rows", "loss_warmup", "profile_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.attn_batch_size != -1 and self.attn_batch_size < 1:
-            raise ConfigError("attn_batch_size", f"must be -1 (hardware.device_batch_size) or >= 1, "
-                                                 f"got {self.attn_batch_size}")
+        for key in ("attn_batch_size", "loss_batch_size"):
+            if getattr(self, key) != -1 and getattr(self, key) < 1:
+                raise ConfigError(key, f"must be -1 (hardware.device_batch_size) or >= 1, got {getattr(self, key)}")
         bad = [b for b in self.attn_backends if b not in ("fa4", "flex", "sdpa")]
         if bad:
             raise ConfigError("attn_backends", f"unknown backend(s) {bad}; valid: fa4, flex, sdpa (empty = all)")
+        bad = [k for k in self.loss_kernels if k not in ("plain", "fused", "fused_logits")]
+        if bad:
+            raise ConfigError("loss_kernels", f"unknown loss kernel(s) {bad}; valid: plain, fused, fused_logits "
+                                              "(empty = all)")
 
 
 # Which schema backs which group. `chatlm.app` registers these in Hydra's ConfigStore and the

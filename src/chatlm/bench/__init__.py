@@ -6,6 +6,8 @@
   peak and against a bf16 matmul ceiling measured in the same process, peak memory and what ran.
 - `task=attention` times fwd+bwd of every attention backend this machine can run at the model's
   shapes (B, T, H, D and each window of its pattern), with an fp32 reference check.
+- `task=loss` times fwd+bwd of lm_head + softcapped cross-entropy with each loss kernel (plain,
+  fused, fused_logits) at the model's shapes, with the memory each adds and its error vs plain.
 
 Both write `bench.json` into the run directory and print a table. The library modules here never
 import Hydra; `chatlm.bench.stage` is the Hydra edge.

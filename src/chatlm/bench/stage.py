@@ -1,4 +1,4 @@
-"""The Hydra stage: `python -m chatlm.bench task=train|attention ...` (see chatlm.bench)."""
+"""The Hydra stage: `python -m chatlm.bench task=train|attention|loss ...` (see chatlm.bench)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,19 @@ ATTENTION_HEADER = ("backend", "window", "layers", "fwd ms", "fwd+bwd ms", "eff.
                     "max |err|")
 
 
+LOSS_HEADER = ("variant", "fwd+bwd ms", "extra peak GiB", "|loss - plain|", "grad x rel. err", "grad W rel. err")
+
+
+def loss_rows(r: dict) -> list[tuple[str, ...]]:
+    rows = []
+    for e in r["results"]:
+        def err(key: str) -> str:
+            return f"{e[key]:.1e}" if key in e else "-"
+        rows.append((e["variant"], _fmt(e["fwd_bwd_s"], 1000, 3), _fmt(e.get("extra_peak_gib"), 1, 2),
+                     err("loss_diff"), err("grad_x_rel"), err("grad_w_rel")))
+    return rows
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -82,6 +95,14 @@ def print_table(result: dict) -> None:
         table.add_column("", style="bold")
         table.add_column("")
         for row in train_rows(result):
+            table.add_row(*row)
+    elif result["task"] == "loss":
+        table = Table(title=f"chatlm bench: loss head, {result['model']} {result['rows']:,} rows x C={result['n_embd']} "
+                            f"-> V={result['padded_vocab_size']:,}, softcap {result['softcap']:g}, {result['dtype']} "
+                            f"on {result['device_name']}")
+        for col in LOSS_HEADER:
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for row in loss_rows(result):
             table.add_row(*row)
     else:
         table = Table(title=f"chatlm bench: attention, {result['model']} B={result['batch']} T={result['seq_len']} "
@@ -101,6 +122,8 @@ def summary(result: dict) -> dict:
         keys = ("median_step_s", "tok_per_s", "mfu_nominal", "mfu_measured", "peak_mem_gib", "attention_backend",
                 "timed_steps", "last_loss")
         return {k: result[k] for k in keys if result.get(k) is not None}
+    if result["task"] == "loss":
+        return {f"loss_{e['variant']}_s": e["fwd_bwd_s"] for e in result["results"]}
     return {f"attention_{b}_s": s for b, s in result["model_attention_fwd_bwd_s"].items() if s is not None}
 
 
@@ -109,6 +132,10 @@ def bench(cfg: BenchConfig, run: Any) -> dict:
         from chatlm.bench.train_bench import bench_train
 
         result = bench_train(cfg, run)
+    elif cfg.task == "loss":
+        from chatlm.bench.loss_bench import bench_loss
+
+        result = bench_loss(cfg, run)
     else:
         from chatlm.bench.attention_bench import bench_attention
 

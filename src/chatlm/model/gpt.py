@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from chatlm.config import ConfigError, ModelConfig
 from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
 from chatlm.model.sizing import ModelDims, derive_dims
+from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, triton_available
 
 
 class Linear(nn.Linear):
@@ -129,6 +130,7 @@ class GPT(nn.Module):
         self.dims = dims = derive_dims(cfg, vocab_size)
         self.compute_dtype = compute_dtype
         self.attention_backend = attention_backend  # a property: registers the backend's kernels
+        self._triton = triton_available()  # resolved here, never inside a compiled trace
         C, L, Vp = dims.n_embd, dims.n_layer, dims.padded_vocab_size
         emb_dtype = storage_dtype(compute_dtype)
 
@@ -282,14 +284,23 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         x = norm(x)
-        logits = self.lm_head(x)[..., :self.dims.vocab_size].float()
-        softcap = self.config.softcap
-        if softcap > 0:
-            logits = softcap * torch.tanh(logits / softcap)
+        softcap, vocab = self.config.softcap, self.dims.vocab_size
+        if targets is not None and loss_reduction == "mean" and self.fused_loss(x):
+            head = self.lm_head  # a plain Linear fuses its matmul too; a Float8Linear hands over logits
+            weight = head.weight.to(x.dtype) if type(head) is Linear else None
+            return fused_softcap_ce(x, head, targets, softcap, vocab, weight=weight)
+        logits = self.lm_head(x)[..., :vocab]
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            logits = logits.float()
+            return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+        return plain_softcap_ce(logits, targets, softcap, reduction=loss_reduction)
+
+    def fused_loss(self, x: torch.Tensor) -> bool:
+        """Whether the mean training loss goes through the fused op (`model.loss_kernel`)."""
+        kind = getattr(self.config.loss_kernel, "value", self.config.loss_kernel)
+        if kind == "auto":
+            return x.is_cuda and self._triton
+        return kind == "fused"
 
     # ------------------------------------------------------------------------------------------
     # accounting
