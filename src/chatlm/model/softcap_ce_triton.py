@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 #: columns a program loads at a time; a power of two
-BLOCK = 4096
+BLOCK = 2048
 NUM_WARPS = 8
-_NEG = -1.0e30  # stands for -inf in the running max (exp(-inf - -inf) would be nan)
+_NEG = tl.constexpr(-1.0e30)  # stands for -inf in the running max (exp(-inf - -inf) would be nan)
 
 
 @triton.jit
@@ -34,9 +34,16 @@ def _tanh(x):
 
 
 @triton.jit
+def _tanh_approx(x):
+    # the hardware's tanh.approx.f32 (one MUFU op; max relative error about 2^-11)
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
 def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
                             stride_logits, stride_grad, n_vocab, n_cols, softcap, inv_softcap,
-                            HAS_SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                            HAS_SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, FAST_TANH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
     grad_row = grad_ptr + row * stride_grad
@@ -52,7 +59,10 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
         in_vocab = cols < n_vocab
         z = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z * inv_softcap)
+            if FAST_TANH:
+                z = softcap * _tanh_approx(z * inv_softcap)
+            else:
+                z = softcap * _tanh(z * inv_softcap)
         z = tl.where(in_vocab, z, _NEG)
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.where(in_vocab, tl.exp(z - new_max), 0.0)
@@ -63,7 +73,10 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
     safe_target = tl.where(valid, target, 0)
     z_target = tl.load(logits_row + safe_target).to(tl.float32)
     if HAS_SOFTCAP:
-        z_target = softcap * _tanh(z_target * inv_softcap)
+        if FAST_TANH:
+            z_target = softcap * _tanh_approx(z_target * inv_softcap)
+        else:
+            z_target = softcap * _tanh(z_target * inv_softcap)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
 
     # pass 2: the gradient, over every column (padded ones get 0)
@@ -72,7 +85,10 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
         in_vocab = cols < n_vocab
         x = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            t = _tanh(x * inv_softcap)
+            if FAST_TANH:
+                t = _tanh_approx(x * inv_softcap)
+            else:
+                t = _tanh(x * inv_softcap)
             z = softcap * t
         else:
             z = x
@@ -84,11 +100,16 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
 
 
 def softcap_ce_rows_triton(logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int,
-                           grad: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                           grad: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS,
+                           fast_tanh: bool = False) -> torch.Tensor:
     """Per-row losses (fp32, 0 where target is -1); writes d loss_row / d logits into `grad`.
 
     logits, grad: (M, n_cols) with unit column stride (may be the same tensor); targets: (M,) ints.
     `block` and `num_warps` are the launch shape (launch/gpu/tune_loss_kernel.py times the choices).
+    `fast_tanh` uses the hardware tanh.approx.f32 (CUDA only: the CPU interpreter has no inline
+    PTX) instead of the exp-based tanh: about 0.7 ms less per d12 micro-batch, with row losses
+    within 1e-4 and gradients within 1.2e-5 (relative L2) of the exact kernel's. The end-to-end
+    gain was within machine-to-machine noise, so training keeps the exact tanh (docs/performance.md).
     """
     assert logits.dim() == 2 and logits.stride(1) == 1 and grad.stride(1) == 1 and grad.shape == logits.shape
     rows, n_cols = logits.shape
@@ -99,5 +120,5 @@ def softcap_ce_rows_triton(logits: torch.Tensor, targets: torch.Tensor, softcap:
     _softcap_ce_rows_kernel[(rows,)](
         logits, grad, targets.contiguous(), loss, logits.stride(0), grad.stride(0), vocab_size, n_cols,
         float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
-        HAS_SOFTCAP=softcap > 0, BLOCK_SIZE=block, num_warps=num_warps)
+        HAS_SOFTCAP=softcap > 0, BLOCK_SIZE=block, FAST_TANH=fast_tanh, num_warps=num_warps)
     return loss
