@@ -25,10 +25,9 @@ from typing import Any, Optional
 import torch
 
 from chatlm.bench.timing import median, sync, time_calls
-from chatlm.bench.train_bench import device_name
+from chatlm.bench.train_bench import device_name, kernel_bench_shapes
 from chatlm.config import BenchConfig
 from chatlm.model.attention import BACKENDS, backend_unavailable_reason, causal_attention, window_mask
-from chatlm.model.sizing import derive_dims
 
 log = logging.getLogger("chatlm")
 
@@ -111,11 +110,7 @@ def bench_one(backend: str, window: int, q, k, v, dout, cfg: BenchConfig, device
 
 
 def bench_attention(cfg: BenchConfig, run: Any) -> dict:
-    ctx, policy = run.ctx, run.policy
-    device, dtype = ctx.device, policy.compute_dtype
-    vocab_size = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    dims = derive_dims(cfg.model, vocab_size)
-    B = cfg.attn_batch_size if cfg.attn_batch_size > 0 else cfg.hardware.device_batch_size
+    device, dtype, dims, B = kernel_bench_shapes(cfg, run, cfg.attn_batch_size)
     T, H, Hkv, D = dims.sequence_len, dims.n_head, dims.n_kv_head, dims.head_dim
     layers_per_window = Counter(min(w, T) for w in dims.windows)
     windows = sorted(layers_per_window)
@@ -158,7 +153,7 @@ def bench_attention(cfg: BenchConfig, run: Any) -> dict:
         per_model[backend] = sum(r["fwd_bwd_s"] * r["layers"] for r in rows) if ok else None
     return {
         "task": "attention", "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "model": cfg.model.name, "depth": dims.n_layer, "windows": dims.window_chars(), "dtype": policy.dtype_name,
+        "model": cfg.model.name, "depth": dims.n_layer, "windows": dims.window_chars(), "dtype": run.policy.dtype_name,
         "batch": B, "seq_len": T, "n_head": H, "n_kv_head": Hkv, "head_dim": D,
         "iters": cfg.attn_iters, "warmup": cfg.attn_warmup, "check_rows": min(cfg.attn_check_rows, B),
         "backends": available, "skipped": skipped, "results": results,

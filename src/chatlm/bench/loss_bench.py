@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from chatlm.bench.timing import median, sync, time_calls
-from chatlm.bench.train_bench import device_name
+from chatlm.bench.train_bench import device_name, kernel_bench_shapes
 from chatlm.config import BenchConfig
-from chatlm.model.sizing import derive_dims
 from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_ce, triton_available
 
 log = logging.getLogger("chatlm")
@@ -55,11 +54,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_loss(cfg: BenchConfig, run: Any) -> dict:
-    ctx, policy = run.ctx, run.policy
-    device, dtype = ctx.device, policy.compute_dtype
-    vocab = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    dims = derive_dims(cfg.model, vocab)
-    B = cfg.loss_batch_size if cfg.loss_batch_size > 0 else cfg.hardware.device_batch_size
+    device, dtype, dims, B = kernel_bench_shapes(cfg, run, cfg.loss_batch_size)
+    vocab, policy = dims.vocab_size, run.policy
     M, C, Vp, softcap = B * dims.sequence_len, dims.n_embd, dims.padded_vocab_size, cfg.model.softcap
     variants = list(cfg.loss_kernels) or list(VARIANTS)
     log.info("loss bench d%d: M=%d rows x C=%d -> V=%d (padded %d), softcap %g, %s, triton %s | %s",

@@ -24,6 +24,7 @@ import torch
 from chatlm.bench.timing import matmul_ceiling, median, sync
 from chatlm.config import BenchConfig, TrainConfig
 from chatlm.model import GPT, select_backend
+from chatlm.model.sizing import derive_dims
 from chatlm.optim import build_optimizer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
 from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime.flops import mfu, peak_flops
@@ -43,6 +44,14 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or device.type
+
+
+def kernel_bench_shapes(cfg: BenchConfig, run: Any, batch_size: int) -> tuple[torch.device, torch.dtype, Any, int]:
+    """(device, compute dtype, model dims, batch) of a kernel bench (task=attention or loss);
+    batch_size -1 means hardware.device_batch_size."""
+    dims = derive_dims(cfg.model, cfg.model.vocab_size or cfg.tokenizer.vocab_size)
+    B = batch_size if batch_size > 0 else cfg.hardware.device_batch_size
+    return run.ctx.device, run.policy.compute_dtype, dims, B
 
 
 def synthetic_batches(vocab_size: int, B: int, T: int, device: torch.device, seed: int) -> Callable:

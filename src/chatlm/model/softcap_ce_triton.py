@@ -41,6 +41,14 @@ def _tanh_approx(x):
 
 
 @triton.jit
+def _tanh_scaled(x, inv_softcap, FAST_TANH: tl.constexpr):
+    # tanh(x / softcap), exact or with the hardware approximation
+    if FAST_TANH:
+        return _tanh_approx(x * inv_softcap)
+    return _tanh(x * inv_softcap)
+
+
+@triton.jit
 def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
                             stride_logits, stride_grad, n_vocab, n_cols, softcap, inv_softcap,
                             HAS_SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, FAST_TANH: tl.constexpr):
@@ -59,10 +67,7 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
         in_vocab = cols < n_vocab
         z = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            if FAST_TANH:
-                z = softcap * _tanh_approx(z * inv_softcap)
-            else:
-                z = softcap * _tanh(z * inv_softcap)
+            z = softcap * _tanh_scaled(z, inv_softcap, FAST_TANH)
         z = tl.where(in_vocab, z, _NEG)
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.where(in_vocab, tl.exp(z - new_max), 0.0)
@@ -73,10 +78,7 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
     safe_target = tl.where(valid, target, 0)
     z_target = tl.load(logits_row + safe_target).to(tl.float32)
     if HAS_SOFTCAP:
-        if FAST_TANH:
-            z_target = softcap * _tanh_approx(z_target * inv_softcap)
-        else:
-            z_target = softcap * _tanh(z_target * inv_softcap)
+        z_target = softcap * _tanh_scaled(z_target, inv_softcap, FAST_TANH)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
 
     # pass 2: the gradient, over every column (padded ones get 0)
@@ -85,10 +87,7 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
         in_vocab = cols < n_vocab
         x = tl.load(logits_row + cols, mask=in_vocab, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            if FAST_TANH:
-                t = _tanh_approx(x * inv_softcap)
-            else:
-                t = _tanh(x * inv_softcap)
+            t = _tanh_scaled(x, inv_softcap, FAST_TANH)
             z = softcap * t
         else:
             z = x
