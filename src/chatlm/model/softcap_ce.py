@@ -176,7 +176,9 @@ def fused_softcap_ce(x: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
     equal to `plain_softcap_ce(lm_head(x)[..., :vocab_size], targets, softcap)`.
 
     Pass `weight` (lm_head's weight already in x's dtype) for the fused matmul path; without it
-    the logits come from calling `lm_head`.
+    the logits come from calling `lm_head`. Targets must lie in [-1, vocab_size): the PyTorch path
+    raises on others, but the Triton kernel does not check them (a check would cost a host sync),
+    where the plain expression's CUDA kernel would stop with a device-side assert.
     """
     x2 = x.reshape(-1, x.shape[-1])
     t = targets.reshape(-1)
