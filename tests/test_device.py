@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -40,9 +42,23 @@ def test_policy_on_cpu_never_compiles():
     p = DevicePolicy.create(HardwareConfig(compile=True), PrecisionConfig(dtype=DType.bfloat16), torch.device("cpu"))
     assert p.compute_dtype == torch.bfloat16 and p.compile is False
     assert p.describe() == {"device": "cpu", "compute_dtype": "bfloat16", "dtype_reason": "set by precision.dtype",
-                            "tf32": True, "compile": False, "fp8": False}
+                            "tf32": True, "compile": False, "compile_mode": None, "fp8": False}
     m = torch.nn.Linear(2, 2)
-    assert p.maybe_compile(m) is m
+    assert p.maybe_compile(m) is m and p.compile_model(m) is m
+
+
+def test_compile_mode_reaches_torch_compile():
+    hw = HardwareConfig(compile=True, compile_mode="max-autotune-no-cudagraphs")
+    p = DevicePolicy.create(hw, PrecisionConfig(), torch.device("cpu"))
+    assert p.describe()["compile_mode"] == "max-autotune-no-cudagraphs"
+    forced = dataclasses.replace(p, compile=True, compile_mode="default")  # as on CUDA, but cheap on CPU
+    m = torch.nn.Linear(4, 3)
+    compiled = forced.compile_model(m)
+    assert compiled is not m and compiled._orig_mod is m
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(compiled(x), m(x))
+    with pytest.raises(ConfigError, match="hardware.compile_mode"):
+        HardwareConfig(compile_mode="fastest")
 
 
 def test_seed_everything_is_repeatable():

@@ -280,6 +280,10 @@ class TokenizerConfig:
                               f"must be >= 256 bytes + {len(self.special_tokens)} special tokens, got {self.vocab_size}")
 
 
+#: torch.compile modes `hardware.compile_mode` accepts (None: torch's default mode)
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
+
+
 @dataclass
 class HardwareConfig:
     """Where ranks run: device kind, ranks per node, per-rank batch, compile."""
@@ -290,6 +294,7 @@ class HardwareConfig:
     nnodes: int = 1
     device_batch_size: int = 32
     compile: bool = False
+    compile_mode: Optional[str] = None
     tf32: bool = True
     peak_flops: Optional[float] = None
     measured_flops: Optional[float] = None
@@ -301,6 +306,9 @@ class HardwareConfig:
             raise ConfigError("hardware.nnodes", f"must be >= 1, got {self.nnodes}")
         if self.device_batch_size < 1:
             raise ConfigError("hardware.device_batch_size", f"must be >= 1, got {self.device_batch_size}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError("hardware.compile_mode", f"must be one of {', '.join(map(str, COMPILE_MODES))}, "
+                                                       f"got {self.compile_mode!r}")
 
 
 @dataclass

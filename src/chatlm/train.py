@@ -273,7 +273,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     log.info("attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d", backend,
              policy.dtype_name, policy.dtype_reason, policy.compile, n_fp8)
     run.record_derived(attention_backend=backend, fp8_linears=n_fp8)
-    train_model = policy.maybe_compile(model, dynamic=False)
+    train_model = policy.compile_model(model)
     optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
                                 compute_dtype=dtype, compile=policy.compile)
     scaler = LossScaler(enabled=dtype == torch.float16)

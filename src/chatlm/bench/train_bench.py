@@ -107,7 +107,7 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
         from chatlm.model.fp8 import convert_to_fp8
 
         n_fp8 = convert_to_fp8(model)
-    train_model = policy.maybe_compile(model, dynamic=False)
+    train_model = policy.compile_model(model)
     optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
                                 compute_dtype=dtype, compile=policy.compile)
     scaler = LossScaler(enabled=dtype == torch.float16)

@@ -49,6 +49,7 @@ class DevicePolicy:
     tf32: bool = True
     compile: bool = False
     fp8: bool = False
+    compile_mode: Optional[str] = None
 
     @classmethod
     def create(cls, hardware: HardwareConfig, precision: PrecisionConfig, device: torch.device) -> "DevicePolicy":
@@ -58,7 +59,7 @@ class DevicePolicy:
         if fp8 and device.type != "cuda":
             raise ConfigError("precision.fp8", f"fp8 linears need a CUDA GPU (SM >= 89); this rank runs on {device.type}")
         compile_ = bool(hardware.compile) and device.type == "cuda"
-        return cls(device, dtype, reason, bool(hardware.tf32), compile_, fp8)
+        return cls(device, dtype, reason, bool(hardware.tf32), compile_, fp8, hardware.compile_mode)
 
     @property
     def dtype_name(self) -> str:
@@ -66,7 +67,7 @@ class DevicePolicy:
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "compute_dtype": self.dtype_name, "dtype_reason": self.dtype_reason,
-                "tf32": self.tf32, "compile": self.compile, "fp8": self.fp8}
+                "tf32": self.tf32, "compile": self.compile, "compile_mode": self.compile_mode, "fp8": self.fp8}
 
     def apply(self, seed: int) -> None:
         """Set the process-wide torch switches this policy implies and seed every RNG."""
@@ -77,6 +78,10 @@ class DevicePolicy:
 
     def maybe_compile(self, module: Any, **kwargs: Any) -> Any:
         return torch.compile(module, **kwargs) if self.compile else module
+
+    def compile_model(self, model: Any) -> Any:
+        """The model under torch.compile with `hardware.compile_mode` (static shapes), or as is."""
+        return self.maybe_compile(model, dynamic=False, mode=self.compile_mode)
 
 
 def seed_everything(seed: int) -> None:
