@@ -97,16 +97,52 @@ def test_fused_loss_and_gradients_equal_the_plain_loss(dtype, tol, path):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < tol
 
 
-def test_all_targets_ignored_gives_nan_like_cross_entropy():
-    x = torch.randn(8, 64)
-    w = torch.randn(PADDED, 64)
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_all_targets_ignored_gives_nan_loss_and_zero_gradients_like_cross_entropy(path):
+    """A fully masked micro-batch (SFT) must not put nan into the accumulated gradients."""
+    x = torch.randn(8, 64, requires_grad=True)
+    w = torch.randn(PADDED, 64, requires_grad=True)
     targets = torch.full((8,), -1)
-    assert torch.isnan(plain_softcap_ce(x @ w.t(), targets, 15.0))
-    assert torch.isnan(fused_softcap_ce(x, None, targets, 15.0, VOCAB, weight=w))
+    plain = plain_softcap_ce(x @ w.t(), targets, 15.0)
+    assert torch.isnan(plain)
+    assert all((g == 0).all() for g in torch.autograd.grad(plain, (x, w)))
+    fused = fused_softcap_ce(x, Head(w), targets, 15.0, VOCAB, weight=w if path == "linear" else None)
+    assert torch.isnan(fused)
+    assert all((g == 0).all() for g in torch.autograd.grad(fused, (x, w)))
 
 
-def test_ops_trace_under_torch_compile_fullgraph():
-    """Fake implementations and the traced backward: compile (aot_eager) gives the eager results."""
+def test_fp16_gradients_stay_finite_where_the_plain_ones_do():
+    """fp16 cannot hold G^T @ x unscaled: one token everywhere and a large channel would overflow."""
+    rows = 4096
+    x = torch.randn(rows, 32) * 0.5
+    x[:, 0] = 20.0  # 4096 rows x 20 > 65504 if summed before scaling
+    x = x.half().requires_grad_(True)
+    w = (torch.randn(PADDED, 32) * 0.1).half().requires_grad_(True)
+    targets = torch.full((rows,), 3)
+    ref = plain_softcap_ce((x @ w.t())[:, :VOCAB], targets, 15.0)  # nanochat's expression on the same fp16 logits
+    ref_gx, ref_gw = torch.autograd.grad(ref, (x, w))
+    assert torch.isfinite(ref_gx).all() and torch.isfinite(ref_gw).all()
+    out = fused_softcap_ce(x, None, targets, 15.0, VOCAB, weight=w)
+    gx, gw = torch.autograd.grad(out, (x, w))
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()
+    assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+    for got, want in ((gx, ref_gx), (gw, ref_gw)):
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 5e-3
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    x = torch.randn(16, 32, requires_grad=True)
+    w = torch.randn(PADDED, 32, requires_grad=True)
+    targets = torch.randint(0, VOCAB, (16,))
+    for weight in (w, None):
+        loss = fused_softcap_ce(x, Head(w), targets, 15.0, VOCAB, weight=weight)
+        with pytest.raises(RuntimeError, match="no double backward"):
+            torch.autograd.grad(loss, (x,), create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_ops_trace_under_torch_compile_fullgraph(backend):
+    """Fake implementations and the traced backward: compiled (CPU inductor too) = eager results."""
     logits, targets = make_case(rows=64)
     x = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(PADDED, 32, requires_grad=True)
@@ -118,7 +154,7 @@ def test_ops_trace_under_torch_compile_fullgraph():
 
     eager = both(x, w, targets)
     ge = torch.autograd.grad(eager, (x, w))
-    compiled = torch.compile(both, backend="aot_eager", fullgraph=True)(x, w, targets)
+    compiled = torch.compile(both, backend=backend, fullgraph=True)(x, w, targets)
     gc = torch.autograd.grad(compiled, (x, w))
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(gc, ge):
@@ -209,12 +245,16 @@ TRITON_SCRIPT = textwrap.dedent("""
             ga, gb = torch.empty_like(logits), logits.clone()
             la = softcap_ce_rows_torch(logits, targets, softcap, 5000, ga)
             lb = softcap_ce_rows_triton(gb, targets, softcap, 5000, gb)  # in place, as the linear op does
+            wide = torch.full((9, 5120 + 64), 7.0, dtype=dtype)  # a separate buffer with another row stride
+            lc = softcap_ce_rows_triton(logits, targets, softcap, 5000, wide[:, :5120])
             out[f"{softcap}_{dtype}"] = {
                 "loss": (la - lb).abs().max().item(),
                 "grad": (ga.float() - gb.float()).abs().max().item(),
                 "grad_scale": ga.float().abs().max().item(),
                 "pad_zero": bool((gb[:, 5000:] == 0).all()),
                 "ignored_zero": bool((gb[2] == 0).all()) and lb[2].item() == 0.0,
+                "separate_equal": bool(torch.equal(lc, lb)) and bool(torch.equal(wide[:, :5120], gb)),
+                "neighbours_untouched": bool((wide[:, 5120:] == 7.0).all()),
             }
     print(json.dumps(out))
 """)
@@ -231,7 +271,7 @@ def test_triton_kernel_in_the_interpreter_matches_the_torch_rows():
         assert r["loss"] < 1e-4, key
         bf16 = "bfloat16" in key
         assert r["grad"] <= (2 ** -8 * r["grad_scale"] if bf16 else 1e-6), key
-        assert r["pad_zero"] and r["ignored_zero"], key
+        assert r["pad_zero"] and r["ignored_zero"] and r["separate_equal"] and r["neighbours_untouched"], key
 
 
 @pytest.mark.gpu

@@ -8,7 +8,8 @@ and the compiled expression spends about 8 ms per micro-batch streaming them sev
     forward    logits = x @ W^T in bf16 (cuBLAS); one kernel reads each row twice and writes the
                row's loss and, in the same place, the *unnormalized* gradient of its logits
                G = (softmax(z) - onehot(target)) * (1 - tanh^2)
-    saved      G (the same bf16 buffer the logits were in; nothing else as big)
+    saved      G (the same bf16 buffer the logits were in; nothing else as big). The backward is
+               not differentiable again (no double backward: G is treated as a constant).
     backward   grad_x = (G @ W) * s and grad_W = (G^T @ x) * s, where s = d loss / d sum of row
                losses (1 / number of counted targets, times whatever multiplies the loss): the
                scale is applied to the small (M, C) and (V, C) results, not to G
@@ -121,9 +122,20 @@ def _linear_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _no_double_backward() -> None:
+    if torch.is_grad_enabled():  # only backward(create_graph=True) differentiates through a backward
+        raise RuntimeError("the fused softcap cross-entropy has no double backward (G is a constant); "
+                           "use model.loss_kernel=plain for higher-order gradients")
+
+
 def _linear_backward(ctx, grad_sum, _grad_g):
+    _no_double_backward()
     x, weight, g = ctx.saved_tensors
     scale = grad_sum.float()
+    if g.dtype == torch.float16:
+        # fp16 cannot hold G^T @ x of the unscaled G (a frequent token times a steady channel passes
+        # 65504 whatever the loss scale): scale G first, as the plain expression's gradient is
+        g, scale = (g.float() * scale).to(g.dtype), torch.ones_like(scale)
     grad_x = grad_w = None
     if ctx.needs_input_grad[0]:
         grad_x = (g @ weight).float().mul_(scale).to(x.dtype)
@@ -159,6 +171,7 @@ def _logits_setup(ctx, inputs, output):
 
 
 def _logits_backward(ctx, grad_sum, _grad_g):
+    _no_double_backward()
     (g,) = ctx.saved_tensors
     return (g.float() * grad_sum.float()).to(g.dtype), None, None, None
 
@@ -186,4 +199,6 @@ def fused_softcap_ce(x: torch.Tensor, lm_head: torch.nn.Module, targets: torch.T
         total, _ = linear_softcap_ce(x2, weight, t, float(softcap), int(vocab_size))
     else:
         total, _ = softcap_ce(lm_head(x2), t, float(softcap), int(vocab_size))
-    return total / (t != -1).sum()
+    count = (t != -1).sum()
+    # nan with no counted target, like F.cross_entropy, but with zero gradients (1/0 would make them nan)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))
