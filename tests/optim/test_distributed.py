@@ -84,7 +84,21 @@ def _worker(rank, port, tmpdir):
                        os.path.join(tmpdir, "w2.pt"))
     finally:
         dist.barrier()  # no rank tears gloo down while another is still using it
+        open(os.path.join(tmpdir, f"done{rank}"), "w").close()  # the work is over; only teardown is left
         dist.destroy_process_group()
+
+
+def spawn_tolerating_teardown_abort(fn, args, tmpdir) -> None:
+    """mp.spawn, except that a rank aborting *after* every rank finished its work (gloo's teardown
+    racing its threads: "terminate called without an active exception", seen once in CI) is
+    reported as a warning, not a failure. An abort before that still fails the test."""
+    try:
+        mp.spawn(fn, args=args, nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        done = all(os.path.exists(os.path.join(tmpdir, f"done{r}")) for r in range(WORLD))
+        if not (done and e.signal_name == "SIGABRT"):
+            raise
+        warnings.warn(f"a rank aborted in gloo teardown after finishing its work: {e}")
 
 
 def _free_port():
@@ -106,7 +120,7 @@ def test_two_ranks_equal_one_rank_on_mean_grads(tmp_path):
             torch.save({"params": snapshot(params), "state": opt.full_state_dict()}, tmp_path / "w1.pt")
             w1_state = opt.full_state_dict()
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_tolerating_teardown_abort(_worker, (_free_port(), str(tmp_path)), str(tmp_path))
     out = torch.load(tmp_path / "w2.pt")
 
     tol = dict(rtol=1e-5, atol=1e-6)
