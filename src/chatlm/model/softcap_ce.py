@@ -12,7 +12,8 @@ and the compiled expression spends about 8 ms per micro-batch streaming them sev
                not differentiable again (no double backward: G is treated as a constant).
     backward   grad_x = (G @ W) * s and grad_W = (G^T @ x) * s, where s = d loss / d sum of row
                losses (1 / number of counted targets, times whatever multiplies the loss): the
-               scale is applied to the small (M, C) and (V, C) results, not to G
+               scale is applied to the small (M, C) and (V, C) results, not to G (except in
+               fp16, whose range cannot hold G^T @ x of the unscaled G)
 
 That is `linear_softcap_ce`, used when lm_head is a plain `Linear`. When lm_head is something else
 (a `Float8Linear`), `softcap_ce` takes its logits instead, writes G to a new buffer and scales G in

@@ -1,5 +1,5 @@
-"""The Triton kernel behind `chatlm.model.softcap_ce`: one pass of softcapped cross-entropy that
-writes the gradient of the logits as it goes.
+"""The Triton kernel behind `chatlm.model.softcap_ce`: softcapped cross-entropy per row that also
+writes the gradient of the logits, in one launch.
 
 One program per row of logits (one token). Pass 1 streams the row once and keeps a running max
 and sum of exponentials per lane (online logsumexp of softcap * tanh(logit / softcap)). Pass 2
