@@ -280,6 +280,9 @@ class TokenizerConfig:
                               f"must be >= 256 bytes + {len(self.special_tokens)} special tokens, got {self.vocab_size}")
 
 
+#: loss kernels `python -m chatlm.bench task=loss` can time (chatlm.bench.loss_bench)
+LOSS_BENCH_KERNELS = ("plain", "fused", "fused_logits")
+
 #: torch.compile modes `hardware.compile_mode` accepts (None: torch's default mode)
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 
@@ -538,9 +541,9 @@ class BenchConfig(ModelStageConfig):
         bad = [b for b in self.attn_backends if b not in ("fa4", "flex", "sdpa")]
         if bad:
             raise ConfigError("attn_backends", f"unknown backend(s) {bad}; valid: fa4, flex, sdpa (empty = all)")
-        bad = [k for k in self.loss_kernels if k not in ("plain", "fused", "fused_logits")]
+        bad = [k for k in self.loss_kernels if k not in LOSS_BENCH_KERNELS]
         if bad:
-            raise ConfigError("loss_kernels", f"unknown loss kernel(s) {bad}; valid: plain, fused, fused_logits "
+            raise ConfigError("loss_kernels", f"unknown loss kernel(s) {bad}; valid: {', '.join(LOSS_BENCH_KERNELS)} "
                                               "(empty = all)")
 
 

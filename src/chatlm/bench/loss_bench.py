@@ -24,13 +24,10 @@ import torch.nn.functional as F
 
 from chatlm.bench.timing import median, sync, time_calls
 from chatlm.bench.train_bench import device_name, kernel_bench_shapes
-from chatlm.config import BenchConfig
-from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_ce, triton_available
+from chatlm.config import LOSS_BENCH_KERNELS, BenchConfig
+from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, triton_available
 
 log = logging.getLogger("chatlm")
-
-VARIANTS = ("plain", "fused", "fused_logits")
-
 
 def loss_fn(variant: str, softcap: float, vocab: int) -> Callable[..., torch.Tensor]:
     """f(x, w, targets) -> mean loss for one variant (w is the fp32 master; cast as Linear does)."""
@@ -40,12 +37,11 @@ def loss_fn(variant: str, softcap: float, vocab: int) -> Callable[..., torch.Ten
     elif variant == "fused":
         def f(x, w, t):
             return fused_softcap_ce(x, None, t, softcap, vocab, weight=w.to(x.dtype))
-    elif variant == "fused_logits":
+    elif variant == "fused_logits":  # no weight: the logits come from calling the head
         def f(x, w, t):
-            total, _ = softcap_ce(F.linear(x, w.to(x.dtype)), t, softcap, vocab)
-            return total / (t != -1).sum()
+            return fused_softcap_ce(x, lambda h: F.linear(h, w.to(h.dtype)), t, softcap, vocab)
     else:
-        raise ValueError(f"unknown loss variant {variant!r}; choose from {VARIANTS}")
+        raise ValueError(f"unknown loss variant {variant!r}; choose from {LOSS_BENCH_KERNELS}")
     return f
 
 
@@ -57,7 +53,7 @@ def bench_loss(cfg: BenchConfig, run: Any) -> dict:
     device, dtype, dims, B = kernel_bench_shapes(cfg, run, cfg.loss_batch_size)
     vocab, policy = dims.vocab_size, run.policy
     M, C, Vp, softcap = B * dims.sequence_len, dims.n_embd, dims.padded_vocab_size, cfg.model.softcap
-    variants = list(cfg.loss_kernels) or list(VARIANTS)
+    variants = list(cfg.loss_kernels) or list(LOSS_BENCH_KERNELS)
     log.info("loss bench d%d: M=%d rows x C=%d -> V=%d (padded %d), softcap %g, %s, triton %s | %s",
              dims.n_layer, M, C, vocab, Vp, softcap, str(dtype).removeprefix("torch."),
              triton_available(), variants)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from chatlm.config import ConfigError, ModelConfig
 from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
 from chatlm.model.sizing import ModelDims, derive_dims
-from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, triton_available
+from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits, triton_available
 
 
 class Linear(nn.Linear):
@@ -130,7 +130,8 @@ class GPT(nn.Module):
         self.dims = dims = derive_dims(cfg, vocab_size)
         self.compute_dtype = compute_dtype
         self.attention_backend = attention_backend  # a property: registers the backend's kernels
-        self._triton = triton_available()  # resolved here, never inside a compiled trace
+        # resolved here, never inside a compiled trace; without CUDA the kernel could not run anyway
+        self._triton = torch.cuda.is_available() and triton_available()
         C, L, Vp = dims.n_embd, dims.n_layer, dims.padded_vocab_size
         emb_dtype = storage_dtype(compute_dtype)
 
@@ -291,8 +292,7 @@ class GPT(nn.Module):
             return fused_softcap_ce(x, head, targets, softcap, vocab, weight=weight)
         logits = self.lm_head(x)[..., :vocab]
         if targets is None:
-            logits = logits.float()
-            return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+            return softcap_logits(logits, softcap)
         return plain_softcap_ce(logits, targets, softcap, reduction=loss_reduction)
 
     def fused_loss(self, x: torch.Tensor) -> bool:

@@ -28,7 +28,7 @@ implementation, so torch.compile keeps them as one opaque node and traces their 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +47,16 @@ def triton_available() -> bool:
     return True
 
 
+def softcap_logits(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """fp32 logits squashed into (-softcap, softcap) by tanh (unchanged with softcap 0)."""
+    logits = logits.float()
+    return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+
 def plain_softcap_ce(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
                      reduction: str = "mean") -> torch.Tensor:
-    """nanochat's expression: fp32 logits, tanh softcap, `F.cross_entropy` with ignore_index=-1."""
-    logits = logits.float()
-    if softcap > 0:
-        logits = softcap * torch.tanh(logits / softcap)
+    """nanochat's expression: `F.cross_entropy` over `softcap_logits`, with ignore_index=-1."""
+    logits = softcap_logits(logits, softcap)
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                            reduction=reduction)
 
@@ -184,8 +188,9 @@ softcap_ce.register_autograd(_logits_backward, setup_context=_logits_setup)
 # entry point used by GPT.forward
 
 
-def fused_softcap_ce(x: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, softcap: float,
-                     vocab_size: int, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fused_softcap_ce(x: torch.Tensor, lm_head: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                     targets: torch.Tensor, softcap: float, vocab_size: int,
+                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean softcapped cross-entropy of lm_head(x) over targets != -1 (nan when there are none),
     equal to `plain_softcap_ce(lm_head(x)[..., :vocab_size], targets, softcap)`.
 

@@ -153,7 +153,6 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
     return plan
 
 
-
 # ----------------------------------------------------------------------------------------------
 # choosing and preparing
 

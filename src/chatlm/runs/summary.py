@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,6 @@ def read_sweep_record(sweep_dir: Path) -> dict | None:
 
 
 def write_sweep_record(sweep_dir: Path, record: dict) -> None:
-    import json
-
     atomic_write_text(Path(sweep_dir) / SWEEP_RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
