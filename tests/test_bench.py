@@ -187,6 +187,12 @@ def test_profile_steps_are_extra_and_summarized(run_stage, tmp_path):
     assert sum(prof["by_category_ms_per_step"].values()) == pytest.approx(prof["total_ms_per_step"], rel=1e-6)
     assert prof["top"] and "matmul" in prof["by_category_ms_per_step"]
     assert (run_dir / "profile.txt").is_file() and "profile" in p.stdout
+    # kernels.tsv lists every row, longest first, and its times add up to the profiled total
+    lines = (run_dir / "kernels.tsv").read_text().splitlines()
+    assert lines[0] == "ms_per_step\tcalls_per_step\tcategory\tname" and len(lines) - 1 >= len(prof["top"])
+    ms = [float(line.split("\t")[0]) for line in lines[1:]]
+    assert ms == sorted(ms, reverse=True)
+    assert sum(ms) == pytest.approx(prof["total_ms_per_step"], rel=1e-3, abs=0.01 * len(ms))
 
 
 def test_kernel_categories():

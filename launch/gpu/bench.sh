@@ -7,8 +7,8 @@
 #   The default hardware group is `auto` (first GPU, bf16, compiled, device batch 32, nominal peak
 #   from the GPU's name). Each configuration is a fresh process, so each compiles again (the inductor
 #   cache under /tmp speeds up repeats while the machine stays warm).
-#   $OUT gets gpu.txt, bench.log and bench_NN.json (NN = the argument's position; profile_NN.txt with
-#   profile_steps > 0), then a summary table is printed last. The tool returns at most 8 files.
+#   $OUT gets gpu.txt, bench.log and bench_NN.json (NN = the argument's position; profile_NN.txt and kernels_NN.tsv
+#   with profile_steps > 0), then a summary table is printed last. The tool returns at most 8 files.
 set -uo pipefail
 if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" >/dev/null; then  # SKIP_WHEELS=1: use this environment as is
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -42,6 +42,7 @@ for overrides in "$@"; do
   if [ "$rc" = 0 ] && [ -n "$json" ]; then
     cp "$json" "$OUT/bench_$tag.json"
     if [ -f "$(dirname "$json")/profile.txt" ]; then cp "$(dirname "$json")/profile.txt" "$OUT/profile_$tag.txt"; fi
+    if [ -f "$(dirname "$json")/kernels.tsv" ]; then cp "$(dirname "$json")/kernels.tsv" "$OUT/kernels_$tag.tsv"; fi
   else
     failed=$((failed + 1))
   fi

@@ -74,4 +74,8 @@ def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device
         sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
         (trace_dir / "profile.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60,
                                                                          max_name_column_width=90) + "\n")
+        # every kernel (the table and `top` stop early): one line each, longest first
+        lines = ["ms_per_step\tcalls_per_step\tcategory\tname"]
+        lines += [f"{t / 1000 / steps:.3f}\t{c / steps:g}\t{categorize(n)}\t{n}" for n, t, c in rows]
+        (trace_dir / "kernels.tsv").write_text("\n".join(lines) + "\n")
     return summary
