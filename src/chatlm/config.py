@@ -58,6 +58,18 @@ class LossKernel(str, enum.Enum):
     plain = "plain"
 
 
+class QKVMatmul(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    separate = "separate"
+
+
+class RopeKernel(str, enum.Enum):
+    auto = "auto"
+    fused = "fused"
+    plain = "plain"
+
+
 class OptimKind(str, enum.Enum):
     muon_adamw = "muon_adamw"
     adamw = "adamw"
@@ -133,6 +145,8 @@ class ModelConfig:
     x0_lambda_end: float = 0.05
     attention_backend: AttentionBackend = AttentionBackend.auto
     loss_kernel: LossKernel = LossKernel.auto
+    qkv_matmul: QKVMatmul = QKVMatmul.auto
+    rope_kernel: RopeKernel = RopeKernel.auto
 
     def __post_init__(self) -> None:
         for key in ("depth", "aspect_ratio", "head_dim", "sequence_len", "vocab_pad_multiple",

@@ -159,7 +159,8 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
     """Refuse a checkpoint whose model differs from the configured one, naming the fields."""
     saved = state["meta"].get("model_config") or {}
     current = json.loads(json.dumps(asdict(cfg.model), default=lambda v: getattr(v, "value", str(v))))
-    ignore = {"name", "attention_backend", "loss_kernel"}  # labels and kernels, not weights
+    # labels and kernel choices (the same function of the same weights), not architecture
+    ignore = {"name", "attention_backend", "loss_kernel", "qkv_matmul", "rope_kernel"}
     diff = [f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}" for k in sorted(saved)
             if k not in ignore and k in current and saved[k] != current[k]]
     if state["meta"].get("vocab_size") not in (None, vocab_size):

@@ -251,3 +251,56 @@ def test_checkpoint_roundtrip_through_meta():
     dst.load_state_dict(src.state_dict())
     idx = torch.randint(0, VOCAB, (2, 16))
     assert torch.equal(dst(idx), src(idx))
+
+
+def loss_and_grads(model: GPT, idx: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("qkv_matmul,rope_kernel", [("fused", "plain"), ("fused", "fused"), ("separate", "fused")])
+def test_kernel_choices_compute_nanochat_function(qkv_matmul, rope_kernel):
+    """One q|k|v matmul, and RoPE + QK-norm as the qkv_rope op (its PyTorch path on CPU), give
+    nanochat's loss and gradients (fp32, so only summation order differs); the fused matmul really
+    skips the three Linears, and the op is really used (it needs the fused matmul)."""
+    idx = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    ref = perturb(make_model(tiny_config(qkv_matmul="separate", rope_kernel="plain")))
+    new = perturb(make_model(tiny_config(qkv_matmul=qkv_matmul, rope_kernel=rope_kernel)))
+    calls = []
+    for block in new.blocks:
+        block.attn.c_q.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.zeros(1, 1, 128)
+    assert new.blocks[0].attn.fused_prologue(x) == (qkv_matmul == "fused" and rope_kernel == "fused")
+    assert not ref.blocks[0].attn.fused_prologue(x)
+    l_ref, g_ref = loss_and_grads(ref, idx)
+    l_new, g_new = loss_and_grads(new, idx)
+    assert len(calls) == (0 if qkv_matmul == "fused" else len(new.blocks))
+    assert l_new == pytest.approx(l_ref, rel=1e-6)
+    assert g_new.keys() == g_ref.keys() and len(g_ref) == len(list(ref.parameters()))
+    for name, g in g_ref.items():
+        err = (g_new[name] - g).abs().max().item()
+        assert err <= 1e-5 * max(g.abs().max().item(), 1e-6), name
+    # the RoPE tables really matter here: without rotation the loss moves
+    flat = perturb(make_model(tiny_config(qkv_matmul=qkv_matmul, rope_kernel=rope_kernel)))
+    flat.cos.fill_(1.0)
+    flat.sin.zero_()
+    assert abs(flat(idx, targets=torch.roll(idx, -1, dims=1)).item() - l_ref) > 1e-4
+
+
+def test_fused_qkv_falls_back_for_other_linears():
+    """A c_q that is not chatlm's plain Linear (e.g. fp8's Float8Linear) keeps three matmuls."""
+    model = perturb(make_model())
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 5, 128)
+    fused = attn.project_qkv(x)
+    other = torch.nn.Linear(128, 128, bias=False)
+    with torch.no_grad():
+        other.weight.copy_(attn.c_q.weight)
+    attn.c_q, calls = other, []
+    other.register_forward_hook(lambda *a: calls.append(1))
+    separate = attn.project_qkv(x)
+    assert len(calls) == 1
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)

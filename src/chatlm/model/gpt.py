@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from chatlm.config import ConfigError, ModelConfig
 from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
+from chatlm.model.qkv_rope import apply_rotary, kernel_supports, qkv_rope, triton_kernels_available
 from chatlm.model.sizing import ModelDims, derive_dims
 from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits, triton_available
 
@@ -39,17 +40,6 @@ class Linear(nn.Linear):
 def norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the last dim, no learnable weight, default eps (runs in the activation dtype)."""
     return F.rms_norm(x, (x.size(-1),))
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the two channel halves (not interleaved pairs) by -theta, nanochat's convention.
-
-    x: (B, T, heads, D); cos, sin: (1, T, 1, D/2). Kept as nanochat has it (the transpose of the
-    textbook rotation; equivalent for training, required for its checkpoints).
-    """
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 def storage_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -73,24 +63,67 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate = Linear(cfg.ve_gate_channels, self.n_kv_head, device=device) if dims.has_ve(layer_idx) else None
         self.ve_gate_channels = cfg.ve_gate_channels
         self.ve_gate_range = cfg.ve_gate_range
+        self.qkv_mode = getattr(cfg.qkv_matmul, "value", cfg.qkv_matmul)
+        self.rope_kernel = getattr(cfg.rope_kernel, "value", cfg.rope_kernel)
+        # resolved here, never inside a compiled trace (as GPT._triton)
+        self._rope_triton = torch.cuda.is_available() and triton_kernels_available() and kernel_supports(self.head_dim)
 
     def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                 backend: str, kv_cache: Optional[KVCache]) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:
-            gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # QK-norm, then a fixed extra logit scale on both (1.2 * 1.2 = 1.44 on the scores).
-        q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.fused_prologue(x):
+            v_extra = None if ve is None else self.value_extra(x, ve)
+            q, k, v = qkv_rope(self.qkv_matmul(x), cos, sin, v_extra, H, Hkv, self.qk_scale)
+        else:
+            q, k, v = self.project_qkv(x)
+            q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
+            if ve is not None:
+                v = v + self.value_extra(x, ve)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            # QK-norm, then a fixed extra logit scale on both (1.2 * 1.2 = 1.44 on the scores).
+            q, k = norm(q) * self.qk_scale, norm(k) * self.qk_scale
         if kv_cache is None:
             y = causal_attention(q, k, v, window=self.window, backend=backend)
         else:
             y = cached_attention(q, k, v, kv_cache, self.layer_idx, window=self.window, backend=backend)
         return self.c_proj(y.reshape(B, T, -1))
+
+    def value_extra(self, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
+        """What the value embedding adds to v: gate = range * sigmoid(W x[:channels]), one per kv head."""
+        B, T, _ = x.shape
+        gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+        return gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+
+    def plain_qkv(self) -> bool:
+        """All three projections are chatlm's plain Linear (not fp8's Float8Linear)."""
+        return all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v))
+
+    def qkv_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ [Wq; Wk; Wv]^T: one matmul into q|k|v, from the three weights concatenated at each
+        call. The backward then gets x's gradient from one matmul instead of three plus a sum. The
+        weights stay three parameters (Muon orthogonalizes each one; checkpoints keep nanochat's
+        names)."""
+        return F.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x.dtype))
+
+    def fused_qkv(self, x: torch.Tensor) -> bool:
+        """Whether q, k, v come from one matmul (`model.qkv_matmul`; auto: on CUDA). Only with
+        plain Linears: fp8's Float8Linear projections keep three."""
+        return self.plain_qkv() and (self.qkv_mode == "fused" or (self.qkv_mode == "auto" and x.is_cuda))
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, T, channels): one matmul split by views (see `fused_qkv`), else
+        nanochat's three."""
+        if not self.fused_qkv(x):
+            return self.c_q(x), self.c_k(x), self.c_v(x)
+        return self.qkv_matmul(x).split([self.c_q.out_features, self.c_k.out_features, self.c_v.out_features], dim=-1)
+
+    def fused_prologue(self, x: torch.Tensor) -> bool:
+        """Whether RoPE + QK-norm run as the `qkv_rope` op (`model.rope_kernel`): it needs the fused
+        q|k|v matmul; auto: on CUDA when the Triton kernels import."""
+        if self.rope_kernel == "plain" or not self.fused_qkv(x):
+            return False
+        return self.rope_kernel == "fused" or (x.is_cuda and self._rope_triton)
 
 
 class MLP(nn.Module):
