@@ -203,6 +203,7 @@ def test_kernel_categories():
     assert categorize("triton_tem_fused_flex_attention_0") == "attention"
     assert categorize("triton_red_fused__to_copy_add_mean_mul_0").startswith("fused triton")
     assert categorize("_softcap_ce_rows_kernel").startswith("fused triton")  # the fused loss (Triton, own name)
+    assert categorize("_qkv_rope_bwd_kernel").startswith("fused triton")  # RoPE + QK-norm (Triton, own name)
     assert categorize("Memcpy HtoD (Pinned -> Device)") == "memory copies"
     assert categorize("void at::native::vectorized_elementwise_kernel") == "other"
 

@@ -160,9 +160,12 @@ def _greedy_matches_full_forward(model: GPT, prompt_chunks, steps=8):
     return seq
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
-def test_kv_cache_greedy_decoding_reproduces_full_forward(backend):
-    model = perturb(make_model(backend=backend)).eval()
+@pytest.mark.parametrize("backend,kernels", [("sdpa", "plain"), ("flex", "plain"), ("sdpa", "fused")])
+def test_kv_cache_greedy_decoding_reproduces_full_forward(backend, kernels):
+    # kernels=fused: the one q|k|v matmul and the qkv_rope op (its PyTorch path here) while decoding
+    cfg = tiny_config(qkv_matmul=kernels if kernels == "fused" else "separate", rope_kernel=kernels)
+    model = perturb(make_model(cfg, backend=backend)).eval()
+    assert model.blocks[0].attn.fused_prologue(torch.zeros(1)) == (kernels == "fused")
     if backend == "flex":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -17,7 +17,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flex_attention", "triton_tem", "fmha", "flash", "attention", "cudnn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "scaled_mm", "cublas", "aten::mm", "aten::addmm",
                 "aten::bmm", "aten::matmul", "aten::linear")),
-    ("fused triton (elementwise, norms, loss, optimizer)", ("triton_", "softcap_ce")),
+    ("fused triton (elementwise, norms, loss, optimizer)", ("triton_", "softcap_ce", "qkv_rope")),
     ("memory copies", ("memcpy", "memset", "copy_", "aten::copy")),
     ("communication", ("nccl", "all_reduce", "reduce_scatter", "all_gather")),
 )
