@@ -196,8 +196,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class Float8Linear(Linear):
     """A chatlm `Linear` whose matmul runs in fp8. Built from a Linear, sharing its weight Parameter."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, weight)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Float8Linear":

@@ -34,7 +34,12 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False, device=device, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(dtype=x.dtype))
+        return self.linear(x, self.weight)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight^T the way this module multiplies (fp8's Float8Linear overrides it); also
+        used with another weight, e.g. the concatenated q|k|v weights."""
+        return F.linear(x, weight.to(dtype=x.dtype))
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -95,21 +100,24 @@ class CausalSelfAttention(nn.Module):
         gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
         return gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
 
-    def plain_qkv(self) -> bool:
-        """All three projections are chatlm's plain Linear (not fp8's Float8Linear)."""
-        return all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v))
+    def same_kind_qkv(self) -> bool:
+        """The three projections multiply the same way (all plain, or all fp8 Float8Linear)."""
+        return type(self.c_q) is type(self.c_k) is type(self.c_v) and isinstance(self.c_q, Linear)
 
     def qkv_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x @ [Wq; Wk; Wv]^T: one matmul into q|k|v, from the three weights concatenated at each
         call. The backward then gets x's gradient from one matmul instead of three plus a sum. The
         weights stay three parameters (Muon orthogonalizes each one; checkpoints keep nanochat's
-        names)."""
-        return F.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]).to(x.dtype))
+        names). In fp8 the three weights share one tensorwise scale, and dq|dk|dv one."""
+        return self.c_q.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
 
     def fused_qkv(self, x: torch.Tensor) -> bool:
-        """Whether q, k, v come from one matmul (`model.qkv_matmul`; auto: on CUDA). Only with
-        plain Linears: fp8's Float8Linear projections keep three."""
-        return self.plain_qkv() and (self.qkv_mode == "fused" or (self.qkv_mode == "auto" and x.is_cuda))
+        """Whether q, k, v come from one matmul (`model.qkv_matmul`). auto: on CUDA with plain
+        (bf16) projections; fp8 projections keep three unless `fused` is asked for, since one
+        tensorwise scale for the three weights is not yet checked over a long run."""
+        if self.qkv_mode == "fused":
+            return self.same_kind_qkv()
+        return self.qkv_mode == "auto" and x.is_cuda and type(self.c_q) is Linear and self.same_kind_qkv()
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, channels): one matmul split by views (see `fused_qkv`), else

@@ -19,8 +19,8 @@ in one kernel that writes the gradient of that row directly.
 
 The kernels are Triton on CUDA (`qkv_rope_triton`, fp32 math, one rounding per output). Elsewhere
 the op runs nanochat's expression in PyTorch forward and the kernel's formula in PyTorch backward;
-the tests hold both, and the kernels, against autograd through nanochat's expression. Used by the model when `qkv_matmul=fused` and the
-three projections are plain Linears; never for fp8 projections.
+the tests hold both, and the kernels, against autograd through nanochat's expression. Used by the
+model whenever q|k|v come from one matmul (`model.qkv_matmul`), in bf16 and in fp8.
 """
 
 from __future__ import annotations
