@@ -183,6 +183,9 @@ def test_kv_cache_greedy_decoding_reproduces_full_forward(backend, kernels):
         # chunked prefill: smear and the cache must carry across the chunk boundary
         seq2 = _greedy_matches_full_forward(model, [prompt[:, :5], prompt[:, 5:]], steps=4)
         assert torch.equal(seq2, seq[:, :17])
+        # batch 1: every decoding step is a single token (B * T = 1)
+        seq1 = _greedy_matches_full_forward(model, [prompt[:1]], steps=3)
+        assert torch.equal(seq1, seq[:1, :16])
 
 
 def test_smear_and_backout_change_the_output():

@@ -14,7 +14,8 @@ import textwrap
 import pytest
 import torch
 
-from chatlm.model.qkv_rope import qkv_rope_backward_torch, qkv_rope_op, qkv_rope, qkv_rope_torch
+from chatlm.model.qkv_rope import (qkv_rope, qkv_rope_backward_torch, qkv_rope_forward_torch, qkv_rope_op,
+                                   qkv_rope_torch)
 
 
 def rope_tables(T: int, D: int, dtype=torch.float32):
@@ -55,6 +56,27 @@ def test_op_forward_and_backward_match_autograd_of_nanochats_expression(extra):
     assert dqkv_ref.abs().max() > 0.1  # a real gradient, not zeros on both sides
     if extra:
         torch.testing.assert_close(vx.grad, dvx_ref)
+
+
+def test_backward_is_the_exact_derivative_of_the_forward_with_bf16_tables():
+    """With bf16 RoPE tables (cos^2 + sin^2 != 1) the op's formulas still agree with each other:
+    the backward formula equals autograd through the forward formula."""
+    qkv, v_extra, _, _, grads = inputs()
+    cos, sin = (t.to(torch.bfloat16).float() for t in rope_tables(7, 16))
+    assert ((cos * cos + sin * sin) - 1).abs().max() > 1e-3
+    leaf = qkv.clone().requires_grad_(True)
+    q, k, v, rq, rk = qkv_rope_forward_torch(leaf, cos, sin, v_extra, 4, 2, 1.2)
+    torch.autograd.backward((q, k, v), grads)
+    ours = qkv_rope_backward_torch(*grads, q.detach(), k.detach(), rq, rk, cos, sin, 1.2)
+    torch.testing.assert_close(ours, leaf.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_are_new_tensors_even_for_a_single_token():
+    """B = T = 1 (batch-1 decoding): v must still be a copy, never a view of the op's input."""
+    qkv, _, cos, sin, _ = inputs(B=1, T=1, extra=False)
+    q, k, v = qkv_rope(qkv, cos, sin, None, 4, 2, 1.2)
+    assert v.data_ptr() != qkv.data_ptr() + 6 * 16 * qkv.element_size()
+    torch.testing.assert_close(v.flatten(), qkv.flatten()[6 * 16:])
 
 
 def test_backward_takes_strided_gradients_like_flex_attention_gives():
@@ -118,6 +140,24 @@ TRITON_SCRIPT = textwrap.dedent("""
                 "dtypes": all(o.dtype == dtype for o in outs) and dqkv.dtype == dtype,
                 "contiguous": all(o.is_contiguous() for o in outs) and dqkv.is_contiguous(),
             }
+    # one token at position 3 of a longer table (a decoding step): the tables are a slice
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(1, 1, 8 * 16, generator=g)
+    f = 10000.0 ** (-torch.arange(0, 16, 2).float() / 16)
+    ang = torch.arange(6).float()[:, None] * f
+    cos, sin = ang.cos()[None, 3:4, None], ang.sin()[None, 3:4, None]
+    grads = [torch.randn(1, 1, h, 16, generator=g) for h in (4, 2, 2)]
+    leaf = qkv.clone().requires_grad_(True)
+    ref = qkv_rope_torch(leaf, cos, sin, None, 4, 2, 1.2)
+    torch.autograd.backward(ref, grads)
+    q, k, v, rq, rk = qkv_rope_fwd_triton(qkv, cos, sin, None, 4, 2, 1.2, rms_eps(torch.float32))
+    dqkv = qkv_rope_bwd_triton(*grads, q, k, rq, rk, cos, sin, 1.2)
+    out["decode_step"] = {
+        "fwd": max((o - r).abs().max().item() for o, r in zip((q, k, v), ref)),
+        "fwd_scale": max(r.abs().max().item() for r in ref),
+        "bwd": (dqkv - leaf.grad).abs().max().item(), "bwd_scale": leaf.grad.abs().max().item(),
+        "dtypes": True, "contiguous": True,
+    }
     print(json.dumps(out))
 """)
 
@@ -128,7 +168,7 @@ def test_triton_kernels_in_the_interpreter_match_autograd():
     proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 4
+    assert len(results) == 5
     for key, r in results.items():
         # bf16: inputs and outputs are rounded to 8 bits; fp32: only the order of operations differs
         tol = 2 ** -7 if "bfloat16" in key else 1e-5

@@ -17,9 +17,13 @@ in one kernel that writes the gradient of that row directly.
                q|k|v row itself is freed after the forward
     backward   dq, dk, dv -> d qkv; the gradient of v_extra (gate * ve) is dv itself
 
-The kernels are Triton on CUDA (`qkv_rope_triton`, fp32 math, one rounding per output). Elsewhere
-the op runs nanochat's expression in PyTorch forward and the kernel's formula in PyTorch backward;
-the tests hold both, and the kernels, against autograd through nanochat's expression. Used by the
+The kernels normalize before they rotate (fp32 math, one rounding per output). That is nanochat's
+function up to the bf16 RoPE tables, whose cos^2 + sin^2 is 1 only within about 2^-8: the two
+orders then differ by about 2e-4 relative, below bf16's rounding. The backward is the exact
+derivative of what the kernels compute. Off CUDA (or for head sizes that are not a power of two)
+the op runs the same formulas in PyTorch (`qkv_rope_forward_torch`, `qkv_rope_backward_torch`);
+the tests hold both, and the Triton kernels, against autograd through nanochat's expression
+(`qkv_rope_torch`). Used by the
 model whenever q|k|v come from one matmul (`model.qkv_matmul`), in bf16 and in fp8.
 """
 
@@ -77,11 +81,25 @@ def qkv_rope_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_ex
     return q, k, v.contiguous()
 
 
-def head_rstd(x: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """1 / RMS of each head of a (B, T, heads * D) slice, fp32 (B, T, heads), with F.rms_norm's eps."""
-    eps = rms_eps(x.dtype)
-    x = x.float().unflatten(-1, (n_heads, -1))
-    return torch.rsqrt(x.pow(2).mean(-1) + eps)
+def qkv_rope_forward_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra: Optional[torch.Tensor],
+                           n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, ...]:
+    """The kernel's forward in PyTorch (the op's path off CUDA): per head, rstd of the raw x, then
+    normalize, rotate and scale in fp32, one rounding. Returns new tensors (q, k, v, rq, rk)."""
+    B, T, width = qkv.shape
+    D = width // (n_head + 2 * n_kv_head)
+    eps, c, s = rms_eps(qkv.dtype), cos.float(), sin.float()
+    q, k, v = qkv.float().split([n_head * D, n_kv_head * D, n_kv_head * D], dim=-1)
+
+    def heads(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.reshape(B, T, n, D)
+        rstd = torch.rsqrt(x.pow(2).mean(-1) + eps)
+        return apply_rotary(x * (rstd[..., None] * scale), c, s).to(qkv.dtype), rstd
+
+    (q, rq), (k, rk) = heads(q, n_head), heads(k, n_kv_head)
+    v = v.reshape(B, T, n_kv_head, D).clone(memory_format=torch.contiguous_format)  # never a view of qkv
+    if v_extra is not None:
+        v += v_extra.float()
+    return q, k, v.to(qkv.dtype), rq, rk
 
 
 def qkv_rope_backward_torch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -100,8 +118,8 @@ def qkv_rope_backward_torch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
     return torch.cat(grads, dim=-1).to(q.dtype)
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.is_cuda and triton_kernels_available()
+def _use_triton(x: torch.Tensor, head_dim: int) -> bool:
+    return x.is_cuda and kernel_supports(head_dim) and triton_kernels_available()
 
 
 @torch.library.custom_op("chatlm::qkv_rope", mutates_args=())
@@ -109,14 +127,11 @@ def qkv_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra
                 n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor, torch.Tensor]:
     """(q, k, v, rstd of q's heads, rstd of k's heads); see the module doc."""
-    if _use_triton(qkv):
+    if _use_triton(qkv, qkv.size(-1) // (n_head + 2 * n_kv_head)):
         from chatlm.model.qkv_rope_triton import qkv_rope_fwd_triton
 
         return qkv_rope_fwd_triton(qkv, cos, sin, v_extra, n_head, n_kv_head, scale, rms_eps(qkv.dtype))
-    q, k, v = qkv_rope_torch(qkv, cos, sin, v_extra, n_head, n_kv_head, scale)
-    D = q.size(-1)
-    rq, rk = head_rstd(qkv[..., :n_head * D], n_head), head_rstd(qkv[..., n_head * D:(n_head + n_kv_head) * D], n_kv_head)
-    return q.contiguous(), k.contiguous(), v, rq, rk
+    return qkv_rope_forward_torch(qkv, cos, sin, v_extra, n_head, n_kv_head, scale)
 
 
 @qkv_rope_op.register_fake
@@ -131,7 +146,7 @@ def _(qkv, cos, sin, v_extra, n_head, n_kv_head, scale):
 def qkv_rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                          rq: torch.Tensor, rk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          scale: float) -> torch.Tensor:
-    if _use_triton(q):
+    if _use_triton(q, q.size(-1)):
         from chatlm.model.qkv_rope_triton import qkv_rope_bwd_triton
 
         return qkv_rope_bwd_triton(dq, dk, dv, q, k, rq, rk, cos, sin, scale)

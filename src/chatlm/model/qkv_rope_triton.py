@@ -8,8 +8,9 @@ backward anyway) and the rstds, and writes the gradient of the whole q|k|v row, 
 one input-gradient matmul of the fused projection consumes. The q|k|v row itself is not kept.
 Everything is computed in fp32 and rounded once on the way out.
 
-RMS-norm then rotation equals nanochat's rotation then RMS-norm: a rotation of the (j, j + D/2)
-pairs keeps each head's mean square. With n = x * rstd, y1 = s (n1 cos + n2 sin) and
+RMS-norm then rotation equals nanochat's rotation then RMS-norm, since a rotation of the
+(j, j + D/2) pairs keeps each head's mean square; with bf16 tables it is a rotation only to about
+2^-8, so the two orders differ by about 2e-4 relative (below bf16 rounding). With n = x * rstd, y1 = s (n1 cos + n2 sin) and
 y2 = s (n2 cos - n1 sin) for the scale s, the backward recovers n = R^-1(y) / s, where
 R^-1 = R^T / (cos^2 + sin^2) (the tables are bf16, so R is a rotation only to bf16 precision),
 takes dn = s R^T(g), and returns dx = rstd * (dn - n * mean(dn * n)).
