@@ -22,9 +22,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, "src")
+from chatlm.bench.profile import top_kernels  # noqa: E402
 from chatlm.bench.timing import median, time_calls  # noqa: E402
 from chatlm.model.gpt import MLP, norm  # noqa: E402
 
@@ -39,16 +39,6 @@ dev = torch.device("cuda")
 
 def sub_block(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
     return x + mlp(norm(x))
-
-
-def top_kernels(fn, n: int = 10) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
-                  key=lambda e: e.self_device_time_total, reverse=True)[:n]
-    return [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count} for e in rows]
 
 
 def run_shape(model: str, C: int, B: int) -> dict:

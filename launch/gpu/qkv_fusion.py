@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, "src")
+from chatlm.bench.profile import top_kernels  # noqa: E402
 from chatlm.bench.timing import median, time_calls  # noqa: E402
 
 SHAPES = [("d20", 1280, 32), ("d24", 1536, 16)]  # (model, channels, device batch); T = 2048
@@ -36,16 +37,6 @@ def separate(x, wq, wk, wv):
 def fused(x, wq, wk, wv):
     qkv = F.linear(x, torch.cat([wq, wk, wv]).to(x.dtype))
     return qkv.split([wq.size(0), wk.size(0), wv.size(0)], dim=-1)
-
-
-def top_kernels(fn, n: int = 8) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
-                  key=lambda e: e.self_device_time_total, reverse=True)[:n]
-    return [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count} for e in rows]
 
 
 def run_shape(model: str, C: int, B: int) -> dict:
@@ -70,7 +61,7 @@ def run_shape(model: str, C: int, B: int) -> dict:
         ys = step()
         outs[name] = [y.detach().float() for y in ys] + [x.grad.float()] + [w.grad.clone() for w in ws]
         ms = 1000 * median(time_calls(step, 20, 5, dev))
-        result["variants"][name] = {"ms": round(ms, 3), "kernels": top_kernels(step)}
+        result["variants"][name] = {"ms": round(ms, 3), "kernels": top_kernels(step, n=8)}
         print(f"{model} {name:8s} fwd+bwd {ms:7.3f} ms", flush=True)
         for k in result["variants"][name]["kernels"]:
             print(f"    {k['ms']:7.3f} ms  x{k['calls']}  {k['kernel']}", flush=True)

@@ -52,7 +52,8 @@ class AttentionBackend(str, enum.Enum):
     sdpa = "sdpa"
 
 
-class LossKernel(str, enum.Enum):
+class KernelChoice(str, enum.Enum):
+    """A fused kernel or nanochat's plain expression (auto: fused on CUDA with Triton)."""
     auto = "auto"
     fused = "fused"
     plain = "plain"
@@ -62,12 +63,6 @@ class QKVMatmul(str, enum.Enum):
     auto = "auto"
     fused = "fused"
     separate = "separate"
-
-
-class RopeKernel(str, enum.Enum):
-    auto = "auto"
-    fused = "fused"
-    plain = "plain"
 
 
 class OptimKind(str, enum.Enum):
@@ -144,9 +139,9 @@ class ModelConfig:
     x0_lambda_start: float = 0.20
     x0_lambda_end: float = 0.05
     attention_backend: AttentionBackend = AttentionBackend.auto
-    loss_kernel: LossKernel = LossKernel.auto
+    loss_kernel: KernelChoice = KernelChoice.auto
     qkv_matmul: QKVMatmul = QKVMatmul.auto
-    rope_kernel: RopeKernel = RopeKernel.auto
+    rope_kernel: KernelChoice = KernelChoice.auto
 
     def __post_init__(self) -> None:
         for key in ("depth", "aspect_ratio", "head_dim", "sequence_len", "vocab_pad_multiple",

@@ -2,10 +2,6 @@
 autograd of nanochat's expression, both custom ops against `F.cross_entropy`, a GPT trained with
 either kernel, torch.compile tracing, and the Triton kernel itself through Triton's CPU interpreter."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -260,12 +256,8 @@ TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_triton_kernel_in_the_interpreter_matches_the_torch_rows():
-    pytest.importorskip("triton", reason="Triton is in the dev extras; install with pip install -e '.[dev]'")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+def test_triton_kernel_in_the_interpreter_matches_the_torch_rows(triton_interpreter):
+    results = triton_interpreter(TRITON_SCRIPT)
     assert len(results) == 4
     for key, r in results.items():
         assert r["loss"] < 1e-4, key

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from chatlm.bench.timing import median, sync, time_calls
 from chatlm.bench.train_bench import device_name, kernel_bench_shapes
 from chatlm.config import LOSS_BENCH_KERNELS, BenchConfig
-from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, triton_available
+from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce
+from chatlm.model.triton_check import triton_available
 
 log = logging.getLogger("chatlm")
+
 
 def loss_fn(variant: str, softcap: float, vocab: int) -> Callable[..., torch.Tensor]:
     """f(x, w, targets) -> mean loss for one variant (w is the fp32 master; cast as Linear does)."""

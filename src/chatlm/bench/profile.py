@@ -37,6 +37,19 @@ def is_annotation(event: Any) -> bool:
     return bool(getattr(event, "is_user_annotation", False)) or "#" in name or name.startswith("ProfilerStep")
 
 
+def top_kernels(fn: Callable[[], Any], n: int = 10) -> list[dict[str, Any]]:
+    """Run `fn` once under the CUDA profiler: its `n` longest kernels (name, ms, calls). For the
+    GPU microbenches in launch/gpu/."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                  key=lambda e: e.self_device_time_total, reverse=True)[:n]
+    return [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count} for e in rows]
+
+
 def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device,
                   trace_dir: Optional[Path] = None, top: int = 25) -> dict[str, Any]:
     """Run `run_step` `steps` times under torch.profiler and summarize its kernels per step."""

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from chatlm.config import ConfigError, ModelConfig
 from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
-from chatlm.model.qkv_rope import apply_rotary, kernel_supports, qkv_rope, triton_kernels_available
+from chatlm.model.qkv_rope import apply_rotary, kernel_supports, qkv_rope
 from chatlm.model.sizing import ModelDims, derive_dims
-from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits, triton_available
+from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits
+from chatlm.model.triton_check import triton_available
 
 
 class Linear(nn.Linear):
@@ -71,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv_mode = getattr(cfg.qkv_matmul, "value", cfg.qkv_matmul)
         self.rope_kernel = getattr(cfg.rope_kernel, "value", cfg.rope_kernel)
         # resolved here, never inside a compiled trace (as GPT._triton)
-        self._rope_triton = torch.cuda.is_available() and triton_kernels_available() and kernel_supports(self.head_dim)
+        self._rope_triton = torch.cuda.is_available() and triton_available() and kernel_supports(self.head_dim)
 
     def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                 backend: str, kv_cache: Optional[KVCache]) -> torch.Tensor:

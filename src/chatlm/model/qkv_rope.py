@@ -29,21 +29,12 @@ model whenever q|k|v come from one matmul (`model.qkv_matmul`), in bf16 and in f
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-
-@functools.lru_cache(maxsize=1)
-def triton_kernels_available() -> bool:
-    """True when the Triton kernel module imports (Triton installed and importable)."""
-    try:
-        import chatlm.model.qkv_rope_triton  # noqa: F401
-    except Exception:  # ImportError, or a Triton that fails to initialise
-        return False
-    return True
+from chatlm.model.triton_check import triton_available
 
 
 def kernel_supports(head_dim: int) -> bool:
@@ -119,7 +110,7 @@ def qkv_rope_backward_torch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
 
 
 def _use_triton(x: torch.Tensor, head_dim: int) -> bool:
-    return x.is_cuda and kernel_supports(head_dim) and triton_kernels_available()
+    return x.is_cuda and kernel_supports(head_dim) and triton_available()
 
 
 @torch.library.custom_op("chatlm::qkv_rope", mutates_args=())

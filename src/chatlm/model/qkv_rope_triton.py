@@ -72,16 +72,21 @@ def _heads_bwd(g, g_hs, y, rstd_in, dst, c, s, scale, NH: tl.constexpr, NHP: tl.
 
 
 @triton.jit
+def _token(COS, SIN, T, s_cs, D: tl.constexpr):
+    # this program's token: its row, batch index, position, and the position's cos/sin (1, D/2)
+    row = tl.program_id(0).to(tl.int64)
+    t = row % T
+    j = tl.arange(0, D // 2)[None, :]
+    c = tl.load(COS + t * s_cs + j).to(tl.float32)
+    s = tl.load(SIN + t * s_cs + j).to(tl.float32)
+    return row, row // T, t, c, s
+
+
+@triton.jit
 def _qkv_rope_fwd_kernel(QKV, COS, SIN, VX, Q, K, V, RQ, RK, T, s_b, s_t, s_cs, s_vx_b, s_vx_t, scale, eps,
                          H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, HKVP: tl.constexpr,
                          D: tl.constexpr, HAS_VX: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    HALF: tl.constexpr = D // 2
-    j = tl.arange(0, HALF)[None, :]
-    c = tl.load(COS + t * s_cs + j).to(tl.float32)
-    s = tl.load(SIN + t * s_cs + j).to(tl.float32)
+    row, b, t, c, s = _token(COS, SIN, T, s_cs, D)
     src = QKV + b * s_b + t * s_t
     _heads_fwd(src, Q + row * (H * D), RQ + row * H, c, s, scale, eps, H, HP, D)
     _heads_fwd(src + H * D, K + row * (HKV * D), RK + row * HKV, c, s, scale, eps, HKV, HKVP, D)
@@ -99,13 +104,7 @@ def _qkv_rope_bwd_kernel(DQ, DK, DV, Q, K, RQ, RK, COS, SIN, DQKV, T, s_cs,
                          s_dq_b, s_dq_t, s_dq_h, s_dk_b, s_dk_t, s_dk_h, s_dv_b, s_dv_t, s_dv_h, scale,
                          H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, HKVP: tl.constexpr,
                          D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    b = row // T
-    t = row % T
-    HALF: tl.constexpr = D // 2
-    j = tl.arange(0, HALF)[None, :]
-    c = tl.load(COS + t * s_cs + j).to(tl.float32)
-    s = tl.load(SIN + t * s_cs + j).to(tl.float32)
+    row, b, t, c, s = _token(COS, SIN, T, s_cs, D)
     out = DQKV + row * ((H + 2 * HKV) * D)
     _heads_bwd(DQ + b * s_dq_b + t * s_dq_t, s_dq_h, Q + row * (H * D), RQ + row * H, out, c, s, scale, H, HP, D)
     _heads_bwd(DK + b * s_dk_b + t * s_dk_t, s_dk_h, K + row * (HKV * D), RK + row * HKV, out + H * D, c, s, scale,

@@ -27,24 +27,15 @@ implementation, so torch.compile keeps them as one opaque node and traces their 
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from chatlm.model.triton_check import triton_available
+
 #: rows per chunk of the PyTorch implementation (bounds its fp32 temporaries)
 TORCH_CHUNK_ROWS = 1024
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """True when the Triton kernel module imports (Triton installed and importable)."""
-    try:
-        import chatlm.model.softcap_ce_triton  # noqa: F401
-    except Exception:  # ImportError, or a Triton that fails to initialise
-        return False
-    return True
 
 
 def softcap_logits(logits: torch.Tensor, softcap: float) -> torch.Tensor:
