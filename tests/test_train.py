@@ -164,7 +164,16 @@ def test_two_ranks_train_and_resume_on_one(tmp_path, run_stage, env):
                  f"resume={tmp_path}/two")
     assert more.returncode == 0, more.stderr[-3000:]
     (d,) = run_dirs(tmp_path / "outputs", "train")
-    assert [s for s in losses(d)] == [5, 6] and "resuming on 1" in (d / "logs" / "rank0.log").read_text()
+    log = (d / "logs" / "rank0.log").read_text()
+    assert [s for s in losses(d)] == [5, 6] and "resuming on 1" in log and "nothing is read twice" in log
+    from chatlm.runtime.checkpoint import load_checkpoint
+
+    def reached(state):  # (epoch, shard, row group) of a rank's loader
+        return (state["epoch"], *state["position"])
+
+    old = load_checkpoint(tmp_path / "two", parts=("loader",))["loader"]
+    (new,) = load_checkpoint(d, parts=("loader",))["loader"]
+    assert len(old) == 2 and reached(new) > max(reached(s) for s in old)  # the stream went on, not back
 
 
 def test_bad_input(tmp_path, run_stage, env):

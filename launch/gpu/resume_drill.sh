@@ -3,6 +3,9 @@
 # in the same run directory, finish at STEPS; then compare with the losses of the first part.
 #   usage (device tool, carry .whl):
 #     STEPS=200 STOP=100 bash launch/gpu/resume_drill.sh model=d24 hardware=h200x8 hardware.device_batch_size=16 precision=fp8
+#   PART1 / PART2 add overrides to one part only, e.g. a checkpoint written on 2 ranks resumed on 1 ([J] item 5):
+#     PART1=hardware.nproc_per_node=2 PART2=hardware.nproc_per_node=1 STEPS=40 STOP=20 \
+#       bash launch/gpu/resume_drill.sh model=d12 eval_every=20 eval_tokens=1048576
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -12,14 +15,23 @@ mkdir -p "$OUT"
 RUN=/tmp/runs/drill
 args=("steps=${STEPS:-200}" total_batch_size=524288 eval_every=50 eval_tokens=4194304 sample_every=-1
       auto_tokenizer=true "hydra.run.dir=$RUN" "$@")
-python3 -m chatlm.train "${args[@]}" "stop_at_step=${STOP:-100}" > "$OUT/part1.log" 2>&1
+# shellcheck disable=SC2086  # PART1/PART2 hold several overrides split on spaces
+python3 -m chatlm.train "${args[@]}" ${PART1:-} "stop_at_step=${STOP:-100}" > "$OUT/part1.log" 2>&1
 echo "part 1 exit $? (a stop at step ${STOP:-100} exits 1 with status preempted)"
-python3 -m chatlm.train "${args[@]}" > "$OUT/part2.log" 2>&1
+# shellcheck disable=SC2086
+python3 -m chatlm.train "${args[@]}" ${PART2:-} > "$OUT/part2.log" 2>&1
 echo "part 2 exit $?"
 cp "$RUN/run.json" "$RUN/metrics.jsonl" "$OUT/"
-python3 - "$OUT/run.json" <<'PY'
+cp "$RUN/logs/rank0.log" "$OUT/rank0.log" 2>/dev/null || true
+python3 - "$OUT/run.json" "$OUT/metrics.jsonl" "${STOP:-100}" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print("status", r["status"], "| attempts", [(a["status"], a.get("world_size")) for a in r["attempts"]])
 print("final", {k: r["final_metrics"].get(k) for k in ("steps", "val_bpb", "train_loss")})
+stop = int(sys.argv[3])
+rows = [json.loads(line) for line in open(sys.argv[2]) if line.strip()]
+for row in rows:  # the training losses on either side of the resume, and every evaluation
+    step = row.get("step", -1)
+    if "val_bpb" in row or abs(step - stop) <= 3:
+        print({k: v for k, v in row.items() if k in ("step", "train_loss", "loss", "val_bpb", "tok_per_s")})
 PY

@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
 
     # --- resume / init_from
     step, loop = 0, {"min_val_bpb": float("inf"), "smooth_loss": 0.0, "train_time": 0.0}
-    loader_state = None
+    loader_state, other_ranks_loaders = None, None
     found = None
     if cfg.resume == "auto":
         found = ckpt.latest_checkpoint(run.path)
@@ -300,8 +300,11 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             loader_state = state["loader"][ctx.rank]
             ckpt.restore_rng_state(state["rng"][ctx.rank])
         else:
-            log.warning("checkpoint written by %d ranks, resuming on %d: the data stream restarts from the "
-                        "first shard (model and optimizer resume exactly)", meta["world_size"], ctx.world_size)
+            other_ranks_loaders = state["loader"]
+            log.warning("checkpoint written by %d ranks, resuming on %d: model and optimizer resume exactly; the "
+                        "data stream continues after the furthest row group any old rank had read (nothing is "
+                        "read twice; their packing buffers and a few row groups per rank are skipped)",
+                        meta["world_size"], ctx.world_size)
         log.info("resumed from %s at step %d", found, step)
     elif cfg.init_from:
         state = ckpt.load_checkpoint(ckpt.find_checkpoint(cfg.init_from), map_location=device, parts=("model",))
@@ -312,6 +315,8 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     loader = make_loader([(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)], tok, B, T,
                          rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
                          threads=cfg.data.tokenizer_threads, state=loader_state)
+    if other_ranks_loaders is not None:
+        loader.continue_after(other_ranks_loaders)
     if cfg.overfit_batches > 0:
         loader = RepeatBatches(loader, cfg.overfit_batches)
     eval_steps = max(1, cfg.eval_tokens // (B * T * ctx.world_size))

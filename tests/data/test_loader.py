@@ -129,3 +129,53 @@ def test_too_many_ranks_for_the_data(tok, shards):
     loader = PretrainLoader([val], tok, B, T, rank=7, world_size=8)
     with pytest.raises(DataError, match="no row groups"):
         loader.next_batch()
+
+
+def _read_positions(loader, n_batches=None):
+    """The (file, row group) positions a loader reads while producing n batches (all, if None)."""
+    positions, original = [], loader._documents
+
+    def spy():
+        docs = original()
+        if docs is not None:
+            positions.append(loader.position)
+        return docs
+
+    loader._documents = spy
+    if n_batches is None:
+        list(loader)
+    else:
+        batches(loader, n_batches)
+    return positions
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
+def test_another_number_of_ranks_continues_the_stream_without_rereading(tok, shards, old_world, new_world):
+    train, _, _ = shards
+    old = [PretrainLoader(train, tok, B, T, rank=r, world_size=old_world, buffer_size=20) for r in range(old_world)]
+    read = [_read_positions(loader, 3 + 2 * r) for r, loader in enumerate(old)]  # the ranks stop unevenly
+    states = [loader.state_dict() for loader in old]
+    furthest = max(p for rank in read for p in rank)
+    new = []
+    for r in range(new_world):
+        loader = PretrainLoader(train, tok, B, T, rank=r, world_size=new_world, buffer_size=20, infinite=False)
+        loader.continue_after(states)
+        new.append(_read_positions(loader))
+    before = {p for rank in read for p in rank}
+    after = [p for rank in new for p in rank]
+    assert after and min(after) > furthest and len(set(after)) == len(after)  # nothing read twice
+    everything = {(f, rg) for f in range(len(train)) for rg in range(4)}
+    skipped = everything - before - set(after)
+    # only what lagging old ranks had not reached, and the rest of the furthest one's stride block
+    assert all(p <= furthest or p[0] == furthest[0] and p[1] < (furthest[1] // new_world + 1) * new_world
+               for p in skipped)
+    assert len({p for p in skipped if p > furthest}) <= new_world - 1
+    # rank 0 starts at the first row group of its new stride after the furthest one read
+    assert new[0][0] == min(p for p in everything if p > furthest and p[1] % new_world == 0)
+
+
+def test_continuing_refuses_another_shard_set(tok, shards):
+    train, _, _ = shards
+    states = [PretrainLoader(train, tok, B, T, rank=r, world_size=2).state_dict() for r in (0, 1)]
+    with pytest.raises(DataError, match="shard set changed"):
+        PretrainLoader(train[:-1], tok, B, T).continue_after(states)

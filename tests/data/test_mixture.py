@@ -187,3 +187,26 @@ def test_stream_encoding_matches_the_tokenizer_for_any_thread_count(tok, sources
     for _ in range(5):  # loaders made per evaluation share one pool: no threads pile up
         DocumentStream(a, tok, threads=3).next_documents()
     assert _tokenizer_pool(3) is pool and len(pool._threads) <= 3
+
+
+def test_two_rank_mixture_continues_on_one_rank(tok, sources):
+    """A checkpoint written on 2 ranks resumed on 1: each source picks up after the furthest row
+    group either rank had read (nothing read twice) and keeps balancing tokens by the weights."""
+    a, b = sources
+    old = [MixtureLoader([(a, 2.0), (b, 1.0)], tok, B, T, rank=r, world_size=2, buffer_size=8) for r in (0, 1)]
+    old_seen = [_spy(loader) for loader in old]
+    for r, loader in enumerate(old):
+        batches(loader, 6 + 3 * r)
+    states = [loader.state_dict() for loader in old]
+    new = MixtureLoader([(a, 2.0), (b, 1.0)], tok, B, T, buffer_size=8)
+    new.continue_after(states)
+    assert new.tokens_drawn == [sum(s["sources"][i]["tokens_drawn"] for s in states) for i in (0, 1)]
+    new_seen = _spy(new)
+    batches(new, 20)
+    for src in (0, 1):
+        before = {p for seen in old_seen for p in seen[src]}
+        assert new_seen[src] and min(new_seen[src]) > max(before)  # nothing read twice
+    shares = [s["token_share"] for s in new.stats["sources"]]
+    assert abs(shares[0] - 2 / 3) < 0.1  # still 2:1 over everything drawn, old ranks included
+    with pytest.raises(DataError, match="weights"):
+        MixtureLoader([(a, 1.0), (b, 1.0)], tok, B, T).continue_after(states)

@@ -126,16 +126,35 @@ class DocumentStream:
         return {"files": [f.name for f in self.files], "position": self.position, "epoch": self.epoch,
                 "row_groups_read": self.row_groups_read}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_files(self, state: dict) -> None:
         names = [f.name for f in self.files]
         if list(state["files"]) != names:
             what = f" of source {self.name!r}" if self.name else ""
             raise DataError(f"loader state was saved on shards {list(state['files'])[:3]}... but the data{what} "
                             f"now has {names[:3]}...: the shard set changed, so the stream cannot be resumed "
                             f"exactly")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_files(state)
         self.position = tuple(int(p) for p in state["position"]) if state["position"] is not None else None
         self.epoch = int(state["epoch"])
         self.row_groups_read = int(state["row_groups_read"])
+        self.exhausted = False
+        self._row_groups = None
+
+    def continue_after(self, states: Sequence[dict]) -> None:
+        """Continue the streams of another number of ranks (`states`: each old rank's
+        `state_dict()`): start after the furthest row group any of them had read, in this rank's
+        stride. Nothing is read twice; what is skipped is the row groups the lagging old ranks had
+        not reached, and the rest of the furthest one's stride block (at most a few per rank)."""
+        for state in states:
+            self._check_files(state)
+        reached = [(int(s["epoch"]), tuple(int(p) for p in s["position"])) for s in states if s["position"] is not None]
+        self.epoch = max([int(s["epoch"]) for s in states] + [e for e, _ in reached])
+        self.position = max(reached)[1] if reached else None
+        if reached and max(reached)[0] < self.epoch:  # a rank had wrapped around but not read yet
+            self.position = None
+        self.row_groups_read = sum(int(s["row_groups_read"]) for s in states) // self.world_size
         self.exhausted = False
         self._row_groups = None
 
@@ -281,12 +300,22 @@ class PretrainLoader(_PackedLoader):
                 **self.stream.state_dict(), "packer": self.packer.state_dict(),
                 "pending_rows": self._pending_state(include_last_batch)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_kind(self, state: dict) -> None:
         if state.get("kind") == "mixture":
             raise DataError(f"loader state is a mixture of {len(state.get('sources', []))} sources but the data "
                             f"now has one source: resume with the same data.sources")
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+
+    def continue_after(self, states: Sequence[dict]) -> None:
+        """Pick up the data stream of a run on another number of ranks (see `DocumentStream.continue_after`);
+        their packing buffers are not carried over. Call on a new loader, before its first batch."""
+        for state in states:
+            self._check_kind(state)
+        self.stream.continue_after(states)
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_kind(state)
         self._check_rank(state)
         self.stream.load_state_dict(state)
         self.packer.load_state_dict(state["packer"])
@@ -359,13 +388,12 @@ class MixtureLoader(_PackedLoader):
                             for s, w, t, d in zip(self.streams, self.weights, self.tokens_drawn, self.docs_drawn)],
                 "packer": self.packer.state_dict(), "pending_rows": self._pending_state(include_last_batch)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def _check_sources(self, state: dict) -> None:
         if state.get("kind") != "mixture":
             raise DataError(f"loader state is for a single source but the data now has {len(self.streams)} "
                             f"sources: resume with the same data.sources")
         if state.get("version") != MIXTURE_STATE_VERSION:
             raise DataError(f"mixture loader state version {state.get('version')} is not {MIXTURE_STATE_VERSION}")
-        self._check_rank(state)
         saved = state["sources"]
         if len(saved) != len(self.streams):
             raise DataError(f"loader state has {len(saved)} sources but the data now has {len(self.streams)}: "
@@ -378,6 +406,23 @@ class MixtureLoader(_PackedLoader):
         if weights != self.weights:
             raise DataError(f"loader state was saved with source weights {weights}, now {self.weights}: "
                             f"the mixture changed, so the stream cannot be resumed exactly")
+
+    def continue_after(self, states: Sequence[dict]) -> None:
+        """Pick up the streams of a run on another number of ranks: every source continues after
+        the furthest row group any old rank had read in it (`DocumentStream.continue_after`), and
+        each source's token count is the old ranks' total shared evenly, so the weights keep
+        balancing from where they were. Packing buffers are not carried over."""
+        for state in states:
+            self._check_sources(state)
+        for i, stream in enumerate(self.streams):
+            stream.continue_after([state["sources"][i] for state in states])
+            self.tokens_drawn[i] = sum(int(st["sources"][i]["tokens_drawn"]) for st in states) // self.world_size
+            self.docs_drawn[i] = sum(int(st["sources"][i]["docs_drawn"]) for st in states) // self.world_size
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_sources(state)
+        self._check_rank(state)
+        saved = state["sources"]
         for stream, s in zip(self.streams, saved):
             stream.load_state_dict(s)
         self.tokens_drawn = [int(s["tokens_drawn"]) for s in saved]
