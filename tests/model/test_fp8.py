@@ -251,14 +251,18 @@ def test_fused_qkv_in_fp8_is_one_fp8_matmul_as_close_to_fp32_as_three():
     assert checked > 20
 
 
-def test_auto_fuses_bf16_projections_on_cuda_but_keeps_three_fp8_ones():
+def test_auto_fuses_bf16_and_fp8_projections_on_cuda_but_not_mixed_ones():
     from types import SimpleNamespace
 
     on_cuda = SimpleNamespace(is_cuda=True)  # fused_qkv only asks where the activations live
-    plain, converted = d4_model(), d4_model()
+    plain, converted, mixed = d4_model(), d4_model(), d4_model()
     fp8.convert_to_fp8(converted)
     assert plain.blocks[0].attn.fused_qkv(on_cuda) and not plain.blocks[0].attn.fused_qkv(torch.zeros(1))
-    assert not converted.blocks[0].attn.fused_qkv(on_cuda)
+    assert isinstance(converted.blocks[0].attn.c_q, fp8.Float8Linear)
+    assert converted.blocks[0].attn.fused_qkv(on_cuda) and not converted.blocks[0].attn.fused_qkv(torch.zeros(1))
+    attn = mixed.blocks[0].attn  # one fp8 projection among plain ones cannot share a matmul
+    attn.c_q = fp8.Float8Linear.from_linear(attn.c_q)
+    assert not attn.fused_qkv(on_cuda)
 
 
 # ---------------------------------------------------------------------------------------------
