@@ -217,3 +217,26 @@ def test_annotations_are_not_kernels():
     assert is_annotation(SimpleNamespace(key="ProfilerStep*"))
     assert is_annotation(SimpleNamespace(key="my_range", is_user_annotation=True))
     assert not is_annotation(SimpleNamespace(key="nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN"))
+
+
+def test_scaling_summary_groups_by_configuration(tmp_path):
+    """launch/gpu/scaling_summary.py: efficiency = tok/s(N) / (N x tok/s(1)) within one
+    configuration, never across precisions; files from several calls combine."""
+    def result(n, tps, fp8=False, model="d24"):
+        return {"task": "train", "model": model, "dtype": "bfloat16", "fp8": fp8, "attention_backend": "fa4",
+                "device_batch_size": 16, "tokens_per_step": 524288, "device_name": "NVIDIA H200", "world_size": n,
+                "tok_per_s": tps, "median_step_s": 524288 / tps}
+    files = []
+    for i, r in enumerate([result(1, 100_000), result(2, 196_000), result(8, 760_000), result(1, 130_000, fp8=True),
+                           result(8, 975_000, fp8=True), result(2, 300_000, model="d20")]):
+        files.append(tmp_path / f"call{i % 2}_bench_{i:02d}.json")
+        files[-1].write_text(json.dumps(r))
+    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/scaling_summary.py"), "--json",
+                          str(tmp_path / "s.json"), *map(str, files)], capture_output=True, text=True, check=True).stdout
+    rows = {(r["model"], r["precision"], r["gpus"]): r["efficiency"] for r in json.loads((tmp_path / "s.json").read_text())}
+    assert rows[("d24", "bfloat16", 1)] == 1.0
+    assert rows[("d24", "bfloat16", 2)] == pytest.approx(0.98)
+    assert rows[("d24", "bfloat16", 8)] == pytest.approx(0.95)
+    assert rows[("d24", "bfloat16+fp8", 8)] == pytest.approx(975_000 / (8 * 130_000))
+    assert rows[("d20", "bfloat16", 2)] is None and "n/a (no 1-GPU run)" in out
+    assert "d24 bfloat16+fp8 fa4 B=16: 8 GPU(s) 975,000 tok/s" in out

@@ -5,6 +5,7 @@
 #   usage (device tool, carry .whl; add the fa4 PYTHONPATH when flash-attn-4 is installed):
 #     bash launch/gpu/scaling.sh "1 2 4 8" model=d24 hardware.device_batch_size=16 precision=fp8
 #   The first argument lists the GPU counts; the rest are chatlm.bench overrides for every run.
+#   Results of several calls (e.g. bf16 in one, fp8 in the next): python3 launch/gpu/scaling_summary.py DIR1/bench_*.json DIR2/bench_*.json
 set -uo pipefail
 counts=$1; shift
 runs=()
@@ -13,17 +14,5 @@ for n in $counts; do
 done
 bash "$(dirname "$0")/bench.sh" "${runs[@]}"
 OUT=${OUT:-/tmp/out}
-python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-rows = []
-for p in sorted(Path(sys.argv[1]).glob("bench_*.json")):
-    b = json.loads(p.read_text())
-    world = b.get("world_size") or b.get("config", {}).get("hardware", {}).get("nproc_per_node") or 1
-    rows.append((int(world), float(b["tok_per_s"])))
-if rows:
-    base = dict(rows).get(1)
-    for n, tps in rows:
-        eff = f"{tps / (n * base):.3f}" if base else "n/a"
-        print(f"{n} GPU(s): {tps:,.0f} tok/s, scaling efficiency {eff}")
-PY
+# efficiency per configuration; for results of several calls run it locally on all their files
+python3 "$(dirname "$0")/scaling_summary.py" --json "$OUT/scaling.json" "$OUT"/bench_*.json
