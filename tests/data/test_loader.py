@@ -179,3 +179,20 @@ def test_continuing_refuses_another_shard_set(tok, shards):
     states = [PretrainLoader(train, tok, B, T, rank=r, world_size=2).state_dict() for r in (0, 1)]
     with pytest.raises(DataError, match="shard set changed"):
         PretrainLoader(train[:-1], tok, B, T).continue_after(states)
+
+
+def test_continuing_picks_the_furthest_epoch_first(tok, shards):
+    """A rank that has wrapped into the next epoch is further than any position of the last one."""
+    train, _, _ = shards
+    from chatlm.data.loader import DocumentStream
+
+    def state(epoch, position, read=8):
+        return {"files": [f.name for f in train], "epoch": epoch, "position": position, "row_groups_read": read}
+
+    stream = DocumentStream(train, tok)
+    stream.continue_after([state(1, [4, 3]), state(2, [0, 1]), state(2, [0, 0])])
+    assert (stream.epoch, stream.position, stream.row_groups_read) == (2, (0, 1), 24)
+    stream.continue_after([state(1, [4, 3]), state(2, None)])  # wrapped, nothing read yet
+    assert (stream.epoch, stream.position) == (2, None)
+    stream.continue_after([state(1, None, 0), state(1, None, 0)])  # nobody read anything
+    assert (stream.epoch, stream.position, stream.row_groups_read) == (1, None, 0)

@@ -147,13 +147,11 @@ class DocumentStream:
         `state_dict()`): start after the furthest row group any of them had read, in this rank's
         stride. Nothing is read twice; what is skipped is the row groups the lagging old ranks had
         not reached, and the rest of the furthest one's stride block (at most a few per rank)."""
+        nowhere = (-1, -1)  # position None: nothing read yet in that epoch
         for state in states:
             self._check_files(state)
-        reached = [(int(s["epoch"]), tuple(int(p) for p in s["position"])) for s in states if s["position"] is not None]
-        self.epoch = max([int(s["epoch"]) for s in states] + [e for e, _ in reached])
-        self.position = max(reached)[1] if reached else None
-        if reached and max(reached)[0] < self.epoch:  # a rank had wrapped around but not read yet
-            self.position = None
+        epoch, position = max((int(s["epoch"]), tuple(int(p) for p in s["position"] or nowhere)) for s in states)
+        self.epoch, self.position = epoch, None if position == nowhere else position
         self.row_groups_read = sum(int(s["row_groups_read"]) for s in states) // self.world_size
         self.exhausted = False
         self._row_groups = None

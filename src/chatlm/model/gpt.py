@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from chatlm.config import ConfigError, ModelConfig
 from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
-from chatlm.model.qkv_rope import apply_rotary, kernel_supports, qkv_rope
+from chatlm.model.qkv_rope import apply_rotary, qkv_rope, triton_usable
 from chatlm.model.sizing import ModelDims, derive_dims
 from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits
 from chatlm.model.triton_check import triton_available
@@ -72,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv_mode = getattr(cfg.qkv_matmul, "value", cfg.qkv_matmul)
         self.rope_kernel = getattr(cfg.rope_kernel, "value", cfg.rope_kernel)
         # resolved here, never inside a compiled trace (as GPT._triton)
-        self._rope_triton = torch.cuda.is_available() and triton_available() and kernel_supports(self.head_dim)
+        self._rope_triton = torch.cuda.is_available() and triton_usable(self.head_dim)
 
     def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                 backend: str, kv_cache: Optional[KVCache]) -> torch.Tensor:
@@ -116,9 +116,7 @@ class CausalSelfAttention(nn.Module):
         """Whether q, k, v come from one matmul (`model.qkv_matmul`). auto: on CUDA, for bf16 and
         for fp8 projections alike (in fp8 the three weights then share one tensorwise scale; over
         200 d12 steps that matched three scales to 0.03 % in validation bpb, docs/performance.md)."""
-        if self.qkv_mode == "fused":
-            return self.same_kind_qkv()
-        return self.qkv_mode == "auto" and x.is_cuda and self.same_kind_qkv()
+        return self.same_kind_qkv() and (self.qkv_mode == "fused" or self.qkv_mode == "auto" and x.is_cuda)
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, T, channels): one matmul split by views (see `fused_qkv`), else

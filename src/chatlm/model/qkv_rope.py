@@ -42,6 +42,11 @@ def kernel_supports(head_dim: int) -> bool:
     return head_dim >= 2 and head_dim & (head_dim - 1) == 0
 
 
+def triton_usable(head_dim: int) -> bool:
+    """Whether the op runs its Triton kernels for this head size (on CUDA tensors)."""
+    return kernel_supports(head_dim) and triton_available()
+
+
 def rms_eps(dtype: torch.dtype) -> float:
     """The epsilon F.rms_norm uses by default: that of its fp32 accumulation type."""
     return torch.finfo(torch.float32).eps if dtype in (torch.bfloat16, torch.float16) else torch.finfo(dtype).eps
@@ -110,7 +115,7 @@ def qkv_rope_backward_torch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor
 
 
 def _use_triton(x: torch.Tensor, head_dim: int) -> bool:
-    return x.is_cuda and kernel_supports(head_dim) and triton_available()
+    return x.is_cuda and triton_usable(head_dim)
 
 
 @torch.library.custom_op("chatlm::qkv_rope", mutates_args=())
