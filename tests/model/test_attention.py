@@ -74,6 +74,19 @@ def test_prefill_matches_reference(backend, H, Hkv, window):
     torch.testing.assert_close(y.double(), reference_attention(q, k, v, window), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif("flex" not in BACKENDS, reason="FlexAttention does not run here")
+def test_compiled_flex_matches_reference_without_dynamo_cache_warning():
+    # Inside torch.compile the block mask is built without the lru_cache (dynamo would ignore the
+    # cache and warn on every compiled training run); eager calls keep the cache.
+    q, k, v = _qkv(1, 48, 64, 2, 1, 8, seed=3)  # 48 queries over 64 keys, GQA
+    fn = torch.compile(lambda q, k, v: causal_attention(q, k, v, window=10, backend="flex"), dynamic=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = fn(q, k, v)
+    assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(y.double(), reference_attention(q, k, v, 10), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("window", [2, 5, 40])
 def test_queries_are_the_last_positions(backend, window):

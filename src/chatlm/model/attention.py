@@ -279,9 +279,8 @@ def _decode(q, k, v, window: int) -> torch.Tensor:
     return y.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=64)
-def flex_block_mask(tq: int, tk: int, window: int, device: str):
-    """Sliding-window causal BlockMask for queries at positions [tk - tq, tk), cached per shape."""
+def build_block_mask(tq: int, tk: int, window: int, device: str):
+    """Sliding-window causal BlockMask for queries at positions [tk - tq, tk)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     offset = tk - tq
@@ -291,6 +290,11 @@ def flex_block_mask(tq: int, tk: int, window: int, device: str):
         return (kv_idx <= pos) & (pos - kv_idx <= window)
 
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
+
+
+# Eager calls reuse masks per shape. A compiled model calls build_block_mask directly: dynamo would
+# ignore the cache anyway (tracing the mask's construction into the graph) and warn about it.
+flex_block_mask = functools.lru_cache(maxsize=64)(build_block_mask)
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,10 +316,11 @@ def _flex(q, k, v, window: int) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
     tq, tk = q.size(1), k.size(1)
-    block_mask = flex_block_mask(tq, tk, window, str(q.device))
+    compiling = torch.compiler.is_compiling()
+    block_mask = (build_block_mask if compiling else flex_block_mask)(tq, tk, window, str(q.device))
     # Inside a compiled model dynamo inlines flex_attention itself; eager CUDA calls need the
     # compiled wrapper to get a fused kernel; CPU (tests) runs the eager reference.
-    fn = _compiled_flex() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    fn = _compiled_flex() if q.is_cuda and not compiling else flex_attention
     y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
            enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
