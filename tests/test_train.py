@@ -176,6 +176,17 @@ def test_two_ranks_train_and_resume_on_one(tmp_path, run_stage, env):
     assert len(old) == 2 and reached(new) > max(reached(s) for s in old)  # the stream went on, not back
 
 
+def test_eval_tokens_beyond_the_val_split_evaluate_all_of_it(tmp_path, run_stage, env):
+    r = train(run_stage, env, "steps=1", "eval_tokens=1000000000")
+    assert r.returncode == 0, r.stderr[-3000:]
+    (d,) = run_dirs(tmp_path / "outputs", "train")
+    log = (d / "logs" / "rank0.log").read_text()
+    m = re.search(r"val bpb covers the whole val split: .* evaluated (\d+) tokens of the (\d+) asked", log)
+    assert m and 10_000 < int(m.group(1)) < int(m.group(2))
+    assert log.count("covers the whole val split") == 1  # said once, not at every evaluation
+    assert math.isfinite(load_record(d)["final_metrics"]["val_bpb"])
+
+
 def test_bad_input(tmp_path, run_stage, env):
     r = train(run_stage, env, "total_batch_size=1000")
     assert r.returncode != 0 and "total_batch_size" in r.stderr and "Traceback" not in r.stderr

@@ -364,17 +364,28 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             return f"the weights before this step are finite and saved as checkpoints/step_{at:06d}"
         return f"the weights already hold inf/nan (an update overflowed), so nothing was saved; {last_good()}"
 
+    val_short_reported = []
+
     def evaluate_val(at: int) -> float:
         from chatlm.evals.bpb import evaluate_bpb
 
+        # pad_last: a val split smaller than eval_tokens (the embedded one on many GPUs: 8 row
+        # groups, about 200k tokens) is evaluated whole, its last batch padded with ignored targets,
+        # instead of dropping every partial batch (on 8 GPUs at B=16, T=2048: all of them, bpb inf)
         val = make_loader([([v], s.weight) for (_, v), s in zip(splits, cfg.data.sources)], tok, B, T,
                           rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
-                          threads=cfg.data.tokenizer_threads, infinite=False)
+                          threads=cfg.data.tokenizer_threads, infinite=False, pad_last=True)
         if n_fp8:  # nanochat evaluates in bf16: plain Linears sharing the weights, uncompiled (no recompiles)
             with fp8_disabled(model) as plain:
                 bpb = evaluate_bpb(plain, val, token_bytes, max_steps=eval_steps)
         else:
             bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
+        if val.drained and not val_short_reported:
+            val_short_reported.append(at)
+            log.info("val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d "
+                     "evaluated %d tokens of the %d asked of each rank); lower eval_tokens or add val data "
+                     "for a fixed-size evaluation", cfg.eval_tokens, ctx.rank, ctx.world_size,
+                     val.packer.tokens_out, eval_steps * B * T)
         loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
         run.log_metrics(step=at, tokens=at * plan.total_batch_size, val_bpb=bpb)
         sinks.log({"val/bpb": bpb}, step=at)

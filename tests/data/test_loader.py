@@ -131,6 +131,53 @@ def test_too_many_ranks_for_the_data(tok, shards):
         loader.next_batch()
 
 
+def _doc_tokens(tok, path) -> int:
+    """Tokens of every document in a shard file, BOS included (what a drained packer must account for)."""
+    import pyarrow.parquet as pq
+
+    return sum(len(tok.encode(t)) + 1 for t in pq.read_table(path).column("text").to_pylist())
+
+
+def _drain(loader):
+    return [tuple(t.clone() for t in b) for b in loader]
+
+
+def test_padded_finite_loader_evaluates_every_document(tok, shards):
+    _, val, _ = shards
+    plain, padded = PretrainLoader([val], tok, B, T, infinite=False), PretrainLoader([val], tok, B, T, infinite=False,
+                                                                                      pad_last=True)
+    a, b = _drain(plain), _drain(padded)
+    # the same full batches, then one more: the documents the plain loader drops
+    assert len(b) == len(a) + 1 and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
+    x, y = b[-1]
+    pad = y == -1
+    assert pad.any() and (x[pad] == tok.bos_id).all()
+    flat = pad.flatten().int()
+    assert (flat.diff() >= 0).all()  # the padding is one block at the end of the batch
+    # nothing is lost but the crops: every document token was packed or cropped...
+    assert padded.packer.tokens_out + padded.packer.tokens_cropped == _doc_tokens(tok, val)
+    # ...and each packed row of n tokens gave n - 1 targets (the plain loader's last rows gave none)
+    rows = sum(int((yy >= 0).any(dim=1).sum()) for _, yy in b)
+    targets = sum(int((yy >= 0).sum()) for _, yy in b)
+    assert targets == padded.packer.tokens_out - rows > sum(int((yy >= 0).sum()) for _, yy in a)
+    assert padded.drained and not plain.drained
+    with pytest.raises(ValueError, match="finite"):
+        PretrainLoader([val], tok, B, T, pad_last=True)
+
+
+def test_more_ranks_than_val_row_groups_evaluate_what_there_is(tok, shards):
+    # 8 ranks over a val shard of 4 row groups with batches bigger than a rank's share (the
+    # embedded val split on 8 GPUs): the ranks with data give one padded batch, the others none
+    _, val, _ = shards
+    loaders = [PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False, pad_last=True)
+               for r in range(8)]
+    counts = [len(_drain(ld)) for ld in loaders]
+    assert counts == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert sum(ld.packer.tokens_out + ld.packer.tokens_cropped for ld in loaders) == _doc_tokens(tok, val)
+    assert [len(_drain(PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False)))
+            for r in range(8)] == [0] * 8  # without padding every batch is partial and dropped
+
+
 def _read_positions(loader, n_batches=None):
     """The (file, row group) positions a loader reads while producing n batches (all, if None)."""
     positions, original = [], loader._documents

@@ -210,3 +210,13 @@ def test_two_rank_mixture_continues_on_one_rank(tok, sources):
     assert abs(shares[0] - 2 / 3) < 0.1  # still 2:1 over everything drawn, old ranks included
     with pytest.raises(DataError, match="weights"):
         MixtureLoader([(a, 1.0), (b, 1.0)], tok, B, T).continue_after(states)
+
+
+def test_padded_finite_mixture_packs_every_document(tok, sources):
+    a, b = sources
+    loader = MixtureLoader([(a, 1.0), (b, 2.0)], tok, B, T, buffer_size=8, infinite=False, pad_last=True)
+    batches = [y.clone() for _, y in loader]
+    assert loader.drained and (batches[-1] == -1).any()
+    # every token drawn from either source went into a row or was cropped: none is left behind
+    assert loader.packer.tokens_out + loader.packer.tokens_cropped == sum(loader.tokens_drawn)
+    assert len(loader.packer) == 0

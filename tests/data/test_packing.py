@@ -97,6 +97,18 @@ def test_best_fit_choice_and_crop_path():
         packer.pack_row(10)
 
 
+def test_pad_fills_the_row_the_documents_ran_out_in():
+    packer = BestFitPacker(bos_id=BOS)
+    packer.add([[BOS, 7, 7, 7], [BOS, 9]])
+    # 4 + 2 document tokens, then padding; tokens_out counts only document tokens
+    assert packer.pack_row(10, pad=-1).tolist() == [BOS, 7, 7, 7, BOS, 9] + [-1] * 4
+    assert packer.last_row_tokens == 6 and packer.tokens_out == 6 and len(packer) == 0
+    assert packer.pack_row(5, pad=-1).tolist() == [-1] * 5 and packer.last_row_tokens == 0
+    packer.add([[BOS, 1, 1]])
+    assert packer.pack_row(3, pad=-1).tolist() == [BOS, 1, 1] and packer.last_row_tokens == 3  # exact fit
+    assert packer.tokens_out == 9
+
+
 def test_exact_fit_has_no_waste_and_ties_go_in_arrival_order():
     packer = BestFitPacker(bos_id=BOS)
     a, b, c = [BOS, 1, 1], [BOS, 2, 2], [BOS, 3, 3, 3]

@@ -32,6 +32,7 @@ from chatlm.data.packing import BestFitPacker
 from chatlm.data.shards import DataError, iter_row_groups
 
 STATE_VERSION = 1  # PretrainLoader's state (unchanged by the DocumentStream refactor)
+IGNORE = -1  # target of a padded position (the loss and bpb skip it); its input is BOS
 MIXTURE_STATE_VERSION = 1
 
 
@@ -107,6 +108,9 @@ class DocumentStream:
             try:
                 texts, pos = next(self._row_groups)
             except StopIteration:
+                if self.position is None and not self.infinite and self.row_groups_read == 0:
+                    self.exhausted = True  # a finite split smaller than the world: this rank has none
+                    return None
                 if self.position is None:
                     what = f"source {self.name!r} " if self.name else ""
                     raise DataError(f"rank {self.rank} of {self.world_size} has no row groups to read in "
@@ -162,8 +166,12 @@ class _PackedLoader:
     `_documents()` (the packer's refill) and their own state."""
 
     def __init__(self, tokenizer: Any, batch_size: int, seq_len: int, *, rank: int, world_size: int,
-                 device: torch.device | str, buffer_size: int, threads: int, infinite: bool):
+                 device: torch.device | str, buffer_size: int, threads: int, infinite: bool, pad_last: bool):
+        if pad_last and infinite:
+            raise ValueError("pad_last is for finite loaders (infinite=False): an infinite one never runs out")
         self.tokenizer = tokenizer
+        self.pad_last = pad_last
+        self.drained = False  # pad_last: the documents ran out; the last batch was padded
         self.B, self.T = int(batch_size), int(seq_len)
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
@@ -196,13 +204,22 @@ class _PackedLoader:
             self._pending = None
             self._last_rows = rows
             return rows
+        if self.drained:
+            raise StopIteration
+        pad = IGNORE if self.pad_last else None
         for b in range(self.B):
             try:
-                self.packer.pack_row(self.T + 1, refill=self._documents, out=rows[b])
+                self.packer.pack_row(self.T + 1, refill=self._documents, out=rows[b], pad=pad)
             except RuntimeError:
                 if not self._exhausted:
                     raise
                 raise StopIteration from None  # a finite loader ran out: the partial batch is dropped
+            if pad is not None and self.packer.last_row_tokens <= self.T:  # ran out in this row
+                self.drained = True
+                if b == 0 and self.packer.last_row_tokens < 2:  # not one target left to predict
+                    raise StopIteration
+                rows[b + 1:] = IGNORE
+                break
         self._last_rows = rows
         return rows
 
@@ -216,6 +233,8 @@ class _PackedLoader:
         host = staging.numpy().reshape(2, self.B, self.T)
         host[0] = rows[:, :-1]
         host[1] = rows[:, 1:]
+        if self.drained:  # padded rows: BOS in, nothing to predict
+            np.copyto(host[0], self.tokenizer.bos_id, where=host[0] == IGNORE)
         out = self._on_device[slot]
         if out is not staging:
             out.copy_(staging, non_blocking=True)
@@ -257,12 +276,12 @@ class PretrainLoader(_PackedLoader):
 
     def __init__(self, files: Sequence[Path], tokenizer: Any, batch_size: int, seq_len: int, *, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", buffer_size: int = 1000,
-                 threads: int = 4, infinite: bool = True, state: Optional[dict] = None):
+                 threads: int = 4, infinite: bool = True, pad_last: bool = False, state: Optional[dict] = None):
         self.stream = DocumentStream(files, tokenizer, rank=rank, world_size=world_size, threads=threads,
                                      infinite=infinite)
         self.files = self.stream.files
         super().__init__(tokenizer, batch_size, seq_len, rank=rank, world_size=world_size, device=device,
-                         buffer_size=buffer_size, threads=threads, infinite=infinite)
+                         buffer_size=buffer_size, threads=threads, infinite=infinite, pad_last=pad_last)
         if state is not None:
             self.load_state_dict(state)
 
@@ -336,7 +355,8 @@ class MixtureLoader(_PackedLoader):
 
     def __init__(self, sources: Sequence[tuple[Sequence[Path], float]], tokenizer: Any, batch_size: int,
                  seq_len: int, *, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 buffer_size: int = 1000, threads: int = 4, infinite: bool = True, state: Optional[dict] = None):
+                 buffer_size: int = 1000, threads: int = 4, infinite: bool = True, pad_last: bool = False,
+                 state: Optional[dict] = None):
         if not sources:
             raise DataError("the mixture loader got no sources")
         self.weights = [float(w) for _, w in sources]
@@ -347,7 +367,7 @@ class MixtureLoader(_PackedLoader):
         self.tokens_drawn = [0] * len(self.streams)
         self.docs_drawn = [0] * len(self.streams)
         super().__init__(tokenizer, batch_size, seq_len, rank=rank, world_size=world_size, device=device,
-                         buffer_size=buffer_size, threads=threads, infinite=infinite)
+                         buffer_size=buffer_size, threads=threads, infinite=infinite, pad_last=pad_last)
         if state is not None:
             self.load_state_dict(state)
 
@@ -442,7 +462,8 @@ class MixtureLoader(_PackedLoader):
 def make_loader(shard_sets: Sequence[tuple[Sequence[Path], float]], tokenizer: Any, batch_size: int, seq_len: int,
                 **kw: Any) -> PretrainLoader | MixtureLoader:
     """A `PretrainLoader` for one `(files, weight)` shard set (the weight is then irrelevant), a
-    `MixtureLoader` for several. `kw`: rank, world_size, device, buffer_size, threads, infinite, state."""
+    `MixtureLoader` for several. `kw`: rank, world_size, device, buffer_size, threads, infinite,
+    pad_last, state."""
     if not shard_sets:
         raise DataError("make_loader got no shard sets")
     if len(shard_sets) == 1:

@@ -113,6 +113,7 @@ class BestFitPacker:
         self.tokens_cropped = 0
         self.docs_in = 0
         self.docs_cropped = 0
+        self.last_row_tokens = 0  # document tokens in the last row (< capacity only for a padded row)
 
     def __len__(self) -> int:
         return len(self._buf)
@@ -133,12 +134,16 @@ class BestFitPacker:
             self.docs_in += 1
 
     def pack_row(self, capacity: int, refill: Optional[Callable[[], Iterable[Sequence[int]]]] = None,
-                 out: Optional[np.ndarray] = None) -> np.ndarray:
+                 out: Optional[np.ndarray] = None, pad: Optional[int] = None) -> np.ndarray:
         """Fill and return one row of exactly `capacity` tokens.
 
         With `out` the row is written into that array (e.g. a pinned staging buffer) and `out` is
         returned, so copy it before the next call if you keep it. An exhausted `refill` raises
-        StopIteration; the partial row is then dropped.
+        StopIteration; the partial row is then dropped. When the documents run out mid-row (refill
+        returned None, or there is no refill) the packer raises RuntimeError, unless `pad` is
+        given: then the rest of the row is filled with `pad` and `last_row_tokens` says how many
+        document tokens the row holds (0: the buffer was already empty). Evaluation uses this to
+        keep the last documents of a finite split.
         """
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
@@ -150,7 +155,12 @@ class BestFitPacker:
         while pos < capacity:
             _refill(buf, self.add, self.buffer_size, refill)
             if not buf:
-                raise RuntimeError("the packer's buffer ran dry mid-row; add() more documents or pass refill")
+                if pad is None:
+                    raise RuntimeError("the packer's buffer ran dry mid-row; add() more documents or pass refill")
+                row[pos:] = pad
+                self.tokens_out += pos
+                self.last_row_tokens = pos
+                return row
             room = capacity - pos
             i = buf.largest_fitting(room)
             if i >= 0:
@@ -164,6 +174,7 @@ class BestFitPacker:
                 self.tokens_cropped += doc.size - room
                 self.docs_cropped += 1
         self.tokens_out += capacity
+        self.last_row_tokens = capacity
         return row
 
     @property
