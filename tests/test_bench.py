@@ -240,3 +240,24 @@ def test_scaling_summary_groups_by_configuration(tmp_path):
     assert rows[("d24", "bfloat16+fp8", 8)] == pytest.approx(975_000 / (8 * 130_000))
     assert rows[("d20", "bfloat16", 2)] is None and "n/a (no 1-GPU run)" in out
     assert "d24 bfloat16+fp8 fa4 B=16: 8 GPU(s) 975,000 tok/s" in out
+
+
+def test_drill_compare_splits_the_difference_at_the_resume(tmp_path):
+    """launch/gpu/drill_compare.py: the largest |loss - reference| before and after the stop step,
+    the first differences after it, and val bpb side by side."""
+    def write(name, losses, bpbs):
+        rows = [{"step": s, "loss": v} for s, v in losses.items()] + [{"step": s, "val_bpb": v} for s, v in bpbs.items()]
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return tmp_path / name
+    ref = write("ref.jsonl", {s: 10.0 - s for s in range(1, 9)}, {0: 3.0, 4: 2.0, 8: 1.5})
+    drill = write("drill.jsonl", {s: 10.0 - s + (0.001 if s <= 4 else 0.25 if s == 5 else 0.01) for s in range(1, 9)},
+                  {0: 3.0, 4: 2.0, 8: 1.6})
+    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/drill_compare.py"), "--stop", "4", "--reference",
+                          str(ref), "--json", str(tmp_path / "c.json"), str(drill)],
+                         capture_output=True, text=True, check=True).stdout
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["max_abs_dloss_before"] == pytest.approx(0.001) and c["steps_before"] == 4
+    assert c["max_abs_dloss_after"] == pytest.approx(0.25) and c["steps_after"] == 4
+    assert c["first_steps_after"] == {"5": pytest.approx(0.25), "6": pytest.approx(0.01), "7": pytest.approx(0.01)}
+    assert c["val_bpb"]["8"] == [1.6, 1.5]
+    assert "max |loss - reference| after the resume: 0.2500 over 4 steps" in out
