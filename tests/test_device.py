@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def test_policy_on_cpu_never_compiles():
     p = DevicePolicy.create(HardwareConfig(compile=True), PrecisionConfig(dtype=DType.bfloat16), torch.device("cpu"))
     assert p.compute_dtype == torch.bfloat16 and p.compile is False
     assert p.describe() == {"device": "cpu", "compute_dtype": "bfloat16", "dtype_reason": "set by precision.dtype",
-                            "tf32": True, "compile": False, "compile_mode": None, "fp8": False}
+                            "tf32": True, "compile": False, "compile_mode": None, "fp8": False,
+                            "deterministic": False}
     m = torch.nn.Linear(2, 2)
     assert p.maybe_compile(m) is m and p.compile_model(m) is m
 
@@ -71,3 +73,24 @@ def test_seed_everything_is_repeatable():
     seed_everything(7)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_deterministic_policy_sets_the_process_switches(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(inductor_config, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    p = DevicePolicy.create(HardwareConfig(deterministic=True), PrecisionConfig(), torch.device("cpu"))
+    assert p.describe()["deterministic"] is True
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        p.apply(seed=0)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert inductor_config.deterministic and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # the default policy leaves them alone
+    DevicePolicy.create(HardwareConfig(), PrecisionConfig(), torch.device("cpu")).apply(seed=0)
+    assert not torch.are_deterministic_algorithms_enabled()

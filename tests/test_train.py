@@ -187,6 +187,25 @@ def test_eval_tokens_beyond_the_val_split_evaluate_all_of_it(tmp_path, run_stage
     assert math.isfinite(load_record(d)["final_metrics"]["val_bpb"])
 
 
+@pytest.mark.gpu
+def test_deterministic_gpu_runs_repeat_bitwise(tmp_path, run_stage, env):
+    """hardware.deterministic=true: two compiled GPU runs give the same losses to the last bit.
+    (Without it, compiled runs drift apart after a few steps: the embedding backward's atomics.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    args = ["hardware=auto", "precision=auto", "model=d4", "steps=12", "total_batch_size=16384", "hardware.device_batch_size=8",
+            "model.sequence_len=1024", "optim.reference_batch_tokens=16384", "hardware.deterministic=true"]
+    runs = []
+    for name in ("a", "b"):
+        r = train(run_stage, env, *args, f"hydra.run.dir={tmp_path}/{name}", timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(losses(tmp_path / name))
+    assert len(runs[0]) == 12 and runs[0] == runs[1]
+    assert load_record(tmp_path / "a")["final_metrics"]["val_bpb"] == load_record(tmp_path / "b")["final_metrics"]["val_bpb"]
+
+
 def test_bad_input(tmp_path, run_stage, env):
     r = train(run_stage, env, "total_batch_size=1000")
     assert r.returncode != 0 and "total_batch_size" in r.stderr and "Traceback" not in r.stderr

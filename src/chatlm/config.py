@@ -308,6 +308,7 @@ class HardwareConfig:
     compile: bool = False
     compile_mode: Optional[str] = None
     tf32: bool = True
+    deterministic: bool = False
     peak_flops: Optional[float] = None
     measured_flops: Optional[float] = None
 

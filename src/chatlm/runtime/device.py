@@ -7,6 +7,7 @@ Master weights stay fp32; the compute dtype is what activations and embeddings u
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -50,6 +51,7 @@ class DevicePolicy:
     compile: bool = False
     fp8: bool = False
     compile_mode: Optional[str] = None
+    deterministic: bool = False
 
     @classmethod
     def create(cls, hardware: HardwareConfig, precision: PrecisionConfig, device: torch.device) -> "DevicePolicy":
@@ -59,7 +61,8 @@ class DevicePolicy:
         if fp8 and device.type != "cuda":
             raise ConfigError("precision.fp8", f"fp8 linears need a CUDA GPU (SM >= 89); this rank runs on {device.type}")
         compile_ = bool(hardware.compile) and device.type == "cuda"
-        return cls(device, dtype, reason, bool(hardware.tf32), compile_, fp8, hardware.compile_mode)
+        return cls(device, dtype, reason, bool(hardware.tf32), compile_, fp8, hardware.compile_mode,
+                   bool(hardware.deterministic))
 
     @property
     def dtype_name(self) -> str:
@@ -67,13 +70,16 @@ class DevicePolicy:
 
     def describe(self) -> dict[str, Any]:
         return {"device": str(self.device), "compute_dtype": self.dtype_name, "dtype_reason": self.dtype_reason,
-                "tf32": self.tf32, "compile": self.compile, "compile_mode": self.compile_mode, "fp8": self.fp8}
+                "tf32": self.tf32, "compile": self.compile, "compile_mode": self.compile_mode, "fp8": self.fp8,
+                "deterministic": self.deterministic}
 
     def apply(self, seed: int) -> None:
         """Set the process-wide torch switches this policy implies and seed every RNG."""
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
+        if self.deterministic:
+            make_deterministic()
         seed_everything(seed)
 
     def maybe_compile(self, module: Any, **kwargs: Any) -> Any:
@@ -82,6 +88,27 @@ class DevicePolicy:
     def compile_model(self, model: Any) -> Any:
         """The model under torch.compile with `hardware.compile_mode` (static shapes), or as is."""
         return self.maybe_compile(model, dynamic=False, mode=self.compile_mode)
+
+
+def make_deterministic() -> None:
+    """Bitwise-repeatable runs on one machine (`hardware.deterministic`), at some speed cost.
+
+    torch's deterministic algorithms (Inductor then falls back to eager kernels for the scatter-adds
+    of the embedding backward, which it otherwise compiles to atomic adds), cuBLAS with a fixed
+    workspace (read when the first cuBLAS handle is made, so this must run before any matmul), and
+    cuDNN without autotuning. An op with no deterministic version warns (warn_only) instead of
+    stopping the run; its warning names it.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.deterministic = True  # no on-device benchmarking that can change numerics
+    except ImportError:  # pragma: no cover - every torch we support has Inductor
+        pass
 
 
 def seed_everything(seed: int) -> None:
