@@ -10,8 +10,9 @@
 #   the two curves before and after the resume step (launch/gpu/drill_compare.py). REFERENCE=only
 #   trains just that run, for a separate call when both do not fit in one; compare here with
 #     python3 launch/gpu/drill_compare.py --stop 100 --reference REF/reference.metrics.jsonl DRILL/metrics.jsonl
-#   GPU runs are not bitwise repeatable (two uninterrupted d24 fp8 runs: max |dloss| 0.0019 in steps
-#   1-20, 0.0050 in 21-40), so judge the difference after the resume against the one before it.
+#   Add hardware.deterministic=true to expect a bitwise match. Without it, GPU runs are not bitwise
+#   repeatable (two uninterrupted d24 fp8 runs: max |dloss| 0.0019 in steps 1-20, 0.0050 in 21-40),
+#   so judge the difference after the resume against the one before it.
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
