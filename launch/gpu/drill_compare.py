@@ -4,8 +4,9 @@ and after the resume step, and the val bpb of both.
 
 usage: python launch/gpu/drill_compare.py --stop 100 [--run-json run.json] [--reference ref.jsonl] metrics.jsonl
 
-GPU training is not bitwise repeatable, so read the difference after the resume against the one
-before it: a state lost or restored wrongly shows as a jump at the first steps after the resume.
+GPU training is not bitwise repeatable by default (hardware.deterministic=true makes it so), so
+read the difference after the resume against the one before it: a state lost or restored wrongly
+shows as a jump at the first steps after the resume.
 """
 
 from __future__ import annotations
@@ -15,19 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def curves(path: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """(step -> training loss, step -> val bpb) from a metrics.jsonl; later rows of a step win."""
-    loss, bpb = {}, {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if "loss" in row:
-            loss[row["step"]] = row["loss"]
-        if "val_bpb" in row:
-            bpb[row["step"]] = row["val_bpb"]
-    return loss, bpb
+from compare_curves import curves  # launch/gpu/compare_curves.py: (step -> loss, step -> val bpb)
 
 
 def compare(drill: Path, reference: Path, stop: int) -> dict:

@@ -364,9 +364,10 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             return f"the weights before this step are finite and saved as checkpoints/step_{at:06d}"
         return f"the weights already hold inf/nan (an update overflowed), so nothing was saved; {last_good()}"
 
-    val_short_reported = []
+    val_short_reported = False
 
     def evaluate_val(at: int) -> float:
+        nonlocal val_short_reported
         from chatlm.evals.bpb import evaluate_bpb
 
         # pad_last: a val split smaller than eval_tokens (the embedded one on many GPUs: 8 row
@@ -381,7 +382,7 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         else:
             bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
         if val.drained and not val_short_reported:
-            val_short_reported.append(at)
+            val_short_reported = True
             log.info("val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d "
                      "evaluated %d tokens of the %d asked of each rank); lower eval_tokens or add val data "
                      "for a fixed-size evaluation", cfg.eval_tokens, ctx.rank, ctx.world_size,

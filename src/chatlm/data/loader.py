@@ -108,7 +108,7 @@ class DocumentStream:
             try:
                 texts, pos = next(self._row_groups)
             except StopIteration:
-                if self.position is None and not self.infinite and self.row_groups_read == 0:
+                if self.position is None and not self.infinite:
                     self.exhausted = True  # a finite split smaller than the world: this rank has none
                     return None
                 if self.position is None:

@@ -103,12 +103,9 @@ def make_deterministic() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    try:
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
-        inductor_config.deterministic = True  # no on-device benchmarking that can change numerics
-    except ImportError:  # pragma: no cover - every torch we support has Inductor
-        pass
+    inductor_config.deterministic = True  # no on-device benchmarking that can change numerics
 
 
 def seed_everything(seed: int) -> None:
