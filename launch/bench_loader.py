@@ -55,7 +55,7 @@ def synthetic_shards(work: Path, text: str, n_docs: int, seed: int) -> list[Path
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(2000), 1.0, size=n_docs), 50, 100_000).astype(np.int64)
     starts = rng.integers(0, len(text) - 100_000, size=n_docs)
-    docs = (text[s:s + n] for s, n in zip(starts, lengths))
+    docs = (text[s : s + n] for s, n in zip(starts, lengths))
     write_shards(docs, out, docs_per_row_group=1000, row_groups_per_shard=4)
     return list_shards(out)[0]
 
@@ -72,14 +72,20 @@ def get_tokenizer(args, train_files: list[Path]) -> tuple[Tokenizer, dict]:
     seconds = time.perf_counter() - t0
     tok.save(directory)
     # train_chars: what the trainer saw (each document capped at cfg.doc_cap characters, as in nanochat)
-    return tok, {"tokenizer": str(directory), "trained_here": True, "train_seconds": round(seconds, 2),
-                 "rustbpe_seconds": tok.meta.get("train_seconds"), "train_docs": tok.meta.get("train_docs"),
-                 "train_chars": tok.meta.get("train_chars"), "doc_cap": cfg.doc_cap, "corpus_chars": chars,
-                 "vocab_size": tok.vocab_size}
+    return tok, {
+        "tokenizer": str(directory),
+        "trained_here": True,
+        "train_seconds": round(seconds, 2),
+        "rustbpe_seconds": tok.meta.get("train_seconds"),
+        "train_docs": tok.meta.get("train_docs"),
+        "train_chars": tok.meta.get("train_chars"),
+        "doc_cap": cfg.doc_cap,
+        "corpus_chars": chars,
+        "vocab_size": tok.vocab_size,
+    }
 
 
-def bench(files: list[Path], tok: Tokenizer, B: int, T: int, threads: int, seconds: float,
-          warmup: int) -> dict:
+def bench(files: list[Path], tok: Tokenizer, B: int, T: int, threads: int, seconds: float, warmup: int) -> dict:
     loader = PretrainLoader(files, tok, B, T, threads=threads, buffer_size=1000)
     for _ in range(warmup):
         loader.next_batch()
@@ -97,9 +103,16 @@ def bench(files: list[Path], tok: Tokenizer, B: int, T: int, threads: int, secon
     after = loader.packer.stats()
     out_tok = after["tokens_out"] - before["tokens_out"]
     cropped = after["tokens_cropped"] - before["tokens_cropped"]
-    return {"threads": threads, "batches": n, "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3),
-            "tokens_per_s": B * T * n / elapsed, "waste": cropped / (out_tok + cropped),
-            "epochs": loader.epoch, "row_groups_read": loader.row_groups_read}
+    return {
+        "threads": threads,
+        "batches": n,
+        "seconds": round(elapsed, 3),
+        "cpu_seconds": round(cpu, 3),
+        "tokens_per_s": B * T * n / elapsed,
+        "waste": cropped / (out_tok + cropped),
+        "epochs": loader.epoch,
+        "row_groups_read": loader.row_groups_read,
+    }
 
 
 def main() -> None:
@@ -112,8 +125,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="batches before the clock starts")
     p.add_argument("--synthetic-docs", type=int, default=12_000)
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/chatlm_bench_loader"))
-    p.add_argument("--tokenizer-dir", default=None, help="load this tokenizer (default: <work-dir>/tokenizer, "
-                   "trained there as bpe32k on the embedded corpus if missing)")
+    p.add_argument(
+        "--tokenizer-dir",
+        default=None,
+        help="load this tokenizer (default: <work-dir>/tokenizer, "
+        "trained there as bpe32k on the embedded corpus if missing)",
+    )
     p.add_argument("--sets", nargs="+", default=["embedded", "synthetic"])
     args = p.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -128,27 +145,46 @@ def main() -> None:
     for name in args.sets:
         files = sets[name]
         for threads in args.threads:
-            r = {"set": name, "shards": len(files), **bench(files, tok, args.batch_size, args.seq_len, threads,
-                                                              args.seconds, args.warmup)}
+            r = {
+                "set": name,
+                "shards": len(files),
+                **bench(files, tok, args.batch_size, args.seq_len, threads, args.seconds, args.warmup),
+            }
             results.append(r)
-            print(f"  {name:10s} threads={threads}: {r['tokens_per_s'] / 1e6:.3f} M tok/s, waste "
-                  f"{100 * r['waste']:.1f} %", flush=True)
+            print(
+                f"  {name:10s} threads={threads}: {r['tokens_per_s'] / 1e6:.3f} M tok/s, waste "
+                f"{100 * r['waste']:.1f} %",
+                flush=True,
+            )
 
-    print(f"\nloader, B={args.batch_size} T={args.seq_len}, buffer 1000, tokenizer {tok.name} "
-          f"(vocab {tok.vocab_size}), CPUs allowed: {len(os.sched_getaffinity(0))}")
+    print(
+        f"\nloader, B={args.batch_size} T={args.seq_len}, buffer 1000, tokenizer {tok.name} "
+        f"(vocab {tok.vocab_size}), CPUs allowed: {len(os.sched_getaffinity(0))}"
+    )
     print("| shard set | threads | tokens/s | CPU s / wall s | waste |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['set']} | {r['threads']} | {r['tokens_per_s'] / 1e6:.2f} M | "
-              f"{r['cpu_seconds'] / r['seconds']:.2f} | {100 * r['waste']:.1f} % |")
+        print(
+            f"| {r['set']} | {r['threads']} | {r['tokens_per_s'] / 1e6:.2f} M | "
+            f"{r['cpu_seconds'] / r['seconds']:.2f} | {100 * r['waste']:.1f} % |"
+        )
     if tok_info.get("trained_here"):
-        print(f"tokenizer training (bpe32k on the embedded train shards: {tok_info['train_docs']} docs, "
-              f"{tok_info['train_chars'] / 1e6:.1f} M chars after the {tok_info['doc_cap']:,}-char cap per document, "
-              f"of {tok_info['corpus_chars'] / 1e6:.1f} M): {tok_info['train_seconds']:.1f} s")
-    report = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
-              "machine": platform.processor() or platform.machine(), "cpus_allowed": len(os.sched_getaffinity(0)),
-              "batch_size": args.batch_size, "seq_len": args.seq_len, "embedded_prepare_seconds": round(emb_seconds, 2),
-              "tokenizer": tok_info, "results": results}
+        print(
+            f"tokenizer training (bpe32k on the embedded train shards: {tok_info['train_docs']} docs, "
+            f"{tok_info['train_chars'] / 1e6:.1f} M chars after the {tok_info['doc_cap']:,}-char cap per document, "
+            f"of {tok_info['corpus_chars'] / 1e6:.1f} M): {tok_info['train_seconds']:.1f} s"
+        )
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "embedded_prepare_seconds": round(emb_seconds, 2),
+        "tokenizer": tok_info,
+        "results": results,
+    }
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

@@ -33,7 +33,7 @@ def make_docs(n: int, rng: np.random.Generator, median: float, sigma: float, cap
     flat = rng.integers(0, 256, size=int(lengths.sum()), dtype=np.int64)
     docs, start = [], 0
     for n_tok in lengths:
-        doc = flat[start:start + n_tok].tolist()
+        doc = flat[start : start + n_tok].tolist()
         doc[0] = BOS
         docs.append(doc)
         start += n_tok
@@ -45,11 +45,12 @@ def doc_chunks(pool: list[list[int]], rng: np.random.Generator, chunk: int = 128
     while True:
         order = rng.permutation(len(pool))
         for i in range(0, len(order) - chunk + 1, chunk):
-            yield [pool[j] for j in order[i:i + chunk]]
+            yield [pool[j] for j in order[i : i + chunk]]
 
 
-def bench_pretrain(seq_len: int, rows: int, warmup_rows: int, buffer_size: int, median: float,
-                   sigma: float, seed: int) -> dict:
+def bench_pretrain(
+    seq_len: int, rows: int, warmup_rows: int, buffer_size: int, median: float, sigma: float, seed: int
+) -> dict:
     rng = np.random.default_rng(seed)
     capacity = seq_len + 1
     pool = make_docs(20_000, rng, median=median, sigma=sigma, cap=20_000)
@@ -68,15 +69,23 @@ def bench_pretrain(seq_len: int, rows: int, warmup_rows: int, buffer_size: int, 
     after = packer.stats()
     tokens_out = after["tokens_out"] - before["tokens_out"]
     cropped = after["tokens_cropped"] - before["tokens_cropped"]
-    return {"seq_len": seq_len, "rows": rows, "warmup_rows": warmup_rows, "buffer_size": buffer_size,
-            "doc_len_lognormal_median": median, "doc_len_lognormal_sigma": sigma,
-            "mean_doc_len": float(np.mean([len(d) for d in pool])),
-            "frac_docs_longer_than_row": float(np.mean([len(d) > capacity for d in pool])),
-            "seconds": seconds, "tokens_per_s": tokens_out / seconds, "rows_per_s": rows / seconds,
-            "waste_pct": 100.0 * cropped / (tokens_out + cropped),
-            "waste_pct_including_warmup": 100.0 * after["waste"],
-            "docs_cropped": after["docs_cropped"] - before["docs_cropped"],
-            "docs_in": after["docs_in"] - before["docs_in"]}
+    return {
+        "seq_len": seq_len,
+        "rows": rows,
+        "warmup_rows": warmup_rows,
+        "buffer_size": buffer_size,
+        "doc_len_lognormal_median": median,
+        "doc_len_lognormal_sigma": sigma,
+        "mean_doc_len": float(np.mean([len(d) for d in pool])),
+        "frac_docs_longer_than_row": float(np.mean([len(d) > capacity for d in pool])),
+        "seconds": seconds,
+        "tokens_per_s": tokens_out / seconds,
+        "rows_per_s": rows / seconds,
+        "waste_pct": 100.0 * cropped / (tokens_out + cropped),
+        "waste_pct_including_warmup": 100.0 * after["waste"],
+        "docs_cropped": after["docs_cropped"] - before["docs_cropped"],
+        "docs_in": after["docs_in"] - before["docs_in"],
+    }
 
 
 def bench_sft(seq_len: int, rows: int, seed: int) -> dict:
@@ -96,8 +105,14 @@ def bench_sft(seq_len: int, rows: int, seed: int) -> dict:
         packer.pack_row(refill=refill)
     seconds = time.perf_counter() - t0
     tokens = rows * capacity
-    return {"seq_len": seq_len, "rows": rows, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "pad_pct": 100.0 * packer.pad_tokens / tokens, "convs_truncated": packer.convs_truncated}
+    return {
+        "seq_len": seq_len,
+        "rows": rows,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "pad_pct": 100.0 * packer.pad_tokens / tokens,
+        "convs_truncated": packer.convs_truncated,
+    }
 
 
 def main() -> None:
@@ -112,17 +127,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    pre = bench_pretrain(args.seq_len, args.rows, args.warmup_rows, args.buffer, args.median, args.sigma,
-                         args.seed)
+    pre = bench_pretrain(args.seq_len, args.rows, args.warmup_rows, args.buffer, args.median, args.sigma, args.seed)
     sft = bench_sft(args.seq_len, max(1, args.rows // 4), args.seed)
-    print(f"pretrain best-fit-crop T={pre['seq_len']} buffer={pre['buffer_size']}: "
-          f"{pre['tokens_per_s'] / 1e6:.2f}M tok/s ({pre['rows_per_s']:.0f} rows/s), "
-          f"waste {pre['waste_pct']:.1f}% after {pre['warmup_rows']} warm-up rows "
-          f"(mean doc {pre['mean_doc_len']:.0f} tokens, {100 * pre['frac_docs_longer_than_row']:.1f}% longer than a row)")
-    print(f"sft best-fit-pad T={sft['seq_len']}: {sft['tokens_per_s'] / 1e6:.2f}M tok/s, "
-          f"padding {sft['pad_pct']:.1f}%")
-    result = {"pretrain": pre, "sft": sft, "python": platform.python_version(),
-              "numpy": np.__version__, "machine": platform.machine()}
+    print(
+        f"pretrain best-fit-crop T={pre['seq_len']} buffer={pre['buffer_size']}: "
+        f"{pre['tokens_per_s'] / 1e6:.2f}M tok/s ({pre['rows_per_s']:.0f} rows/s), "
+        f"waste {pre['waste_pct']:.1f}% after {pre['warmup_rows']} warm-up rows "
+        f"(mean doc {pre['mean_doc_len']:.0f} tokens, {100 * pre['frac_docs_longer_than_row']:.1f}% longer than a row)"
+    )
+    print(f"sft best-fit-pad T={sft['seq_len']}: {sft['tokens_per_s'] / 1e6:.2f}M tok/s, padding {sft['pad_pct']:.1f}%")
+    result = {
+        "pretrain": pre,
+        "sft": sft,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

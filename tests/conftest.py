@@ -32,10 +32,18 @@ def compose():
 
 
 def stage_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(CHATLM_OUTPUT_ROOT=str(tmp_path / "outputs"), CHATLM_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "SUBMITIT_", "TORCHELASTIC_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        CHATLM_OUTPUT_ROOT=str(tmp_path / "outputs"),
+        CHATLM_CACHE_DIR=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
     env.update(extra)
     return env
 
@@ -46,8 +54,9 @@ def run_stage(tmp_path):
 
     def _run(stage: str, *args: str, timeout: float = 180, env: dict | None = None, prefix: list[str] | None = None):
         cmd = (prefix or [sys.executable, "-m"]) + [f"chatlm.{stage}", *args]
-        return subprocess.run(cmd, cwd=tmp_path, env=env or stage_env(tmp_path), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=env or stage_env(tmp_path), capture_output=True, text=True, timeout=timeout
+        )
 
     return _run
 
@@ -88,10 +97,12 @@ def slurm_cluster():
         pytest.skip("starting a local Slurm cluster needs root and apt-get")
     started = not _slurmctld_alive()
     if started:
-        p = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "up.sh"), SLURM_BASE], capture_output=True,
-                           text=True, timeout=600)
+        p = subprocess.run(
+            ["bash", str(REPO / "launch" / "slurm" / "up.sh"), SLURM_BASE], capture_output=True, text=True, timeout=600
+        )
         assert p.returncode == 0, f"launch/slurm/up.sh failed:\n{p.stderr[-4000:]}"
     yield SLURM_BASE
     if started:
-        subprocess.run(["bash", str(REPO / "launch" / "slurm" / "down.sh"), SLURM_BASE], capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            ["bash", str(REPO / "launch" / "slurm" / "down.sh"), SLURM_BASE], capture_output=True, timeout=120
+        )

@@ -31,13 +31,27 @@ def _bench_json(tmp_path: Path, run_name: str) -> tuple[dict, Path]:
 
 def test_train_task_numbers_are_consistent(run_stage, tmp_path):
     # 2 x 128 tokens per micro-batch, 2 accumulation steps; 6 steps of which 2 are warm-up
-    p = run_stage("bench", *TINY, "steps=6", "warmup_steps=2", "hardware.device_batch_size=2",
-                  "total_batch_size=512", "hardware.peak_flops=1e12", "hardware.measured_flops=4e11")
+    p = run_stage(
+        "bench",
+        *TINY,
+        "steps=6",
+        "warmup_steps=2",
+        "hardware.device_batch_size=2",
+        "total_batch_size=512",
+        "hardware.peak_flops=1e12",
+        "hardware.measured_flops=4e11",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r, run_dir = _bench_json(tmp_path, "train_tiny")
 
     assert (r["task"], r["device"], r["attention_backend"], r["compile"], r["dtype"], r["fp8"]) == (
-        "train", "cpu", "sdpa", False, "float32", False)
+        "train",
+        "cpu",
+        "sdpa",
+        False,
+        "float32",
+        False,
+    )
     assert (r["tokens_per_step"], r["device_batch_size"], r["seq_len"], r["grad_accum"]) == (512, 2, 128, 2)
     # every step was timed, the warm-up ones are left out of the statistics
     assert r["steps"] == 6 and len(r["step_times_s"]) == 6 and len(r["losses"]) == 6
@@ -49,11 +63,15 @@ def test_train_task_numbers_are_consistent(run_stage, tmp_path):
     assert r["tok_per_s"] == pytest.approx(r["tokens_per_step"] / r["median_step_s"], rel=1e-9)
     # FLOPs/token is the model's own count (flops.py's formula), MFU divides by the configured peaks
     with torch.device("meta"):
-        model = GPT(C.ModelConfig(name="tiny", depth=2, aspect_ratio=32, head_dim=32, sequence_len=128,
-                                  window_round=32), 512)
+        model = GPT(
+            C.ModelConfig(name="tiny", depth=2, aspect_ratio=32, head_dim=32, sequence_len=128, window_round=32), 512
+        )
     d = model.dims
-    assert r["flops_per_token"] == model.flops_per_token() == train_flops_per_token(
-        model.num_matmul_params(), d.n_head, d.head_dim, d.windows, d.sequence_len)
+    assert (
+        r["flops_per_token"]
+        == model.flops_per_token()
+        == train_flops_per_token(model.num_matmul_params(), d.n_head, d.head_dim, d.windows, d.sequence_len)
+    )
     assert r["peak_flops_nominal"] == 1e12 and r["ceiling"] is None
     assert r["mfu_nominal"] == pytest.approx(r["flops_per_token"] * r["tok_per_s"] / 1e12, rel=1e-9)
     assert (r["ceiling_flops"], r["ceiling_source"]) == (4e11, "hardware.measured_flops")
@@ -67,14 +85,17 @@ def test_train_task_numbers_are_consistent(run_stage, tmp_path):
     assert "chatlm bench: train" in p.stdout and "tok/s" in p.stdout
 
     # the device script's summary reads the same file
-    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/bench_summary.py"), str(run_dir / "bench.json")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "launch/gpu/bench_summary.py"), str(run_dir / "bench.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert f"{r['tok_per_s']:,.0f} tok/s" in out
 
 
 def test_train_task_without_peaks_reports_na(run_stage, tmp_path):
-    p = run_stage("bench", *TINY, "steps=2", "warmup_steps=1", "hardware.device_batch_size=1",
-                  "total_batch_size=128")
+    p = run_stage("bench", *TINY, "steps=2", "warmup_steps=1", "hardware.device_batch_size=1", "total_batch_size=128")
     assert p.returncode == 0, p.stderr[-3000:]
     r, _ = _bench_json(tmp_path, "train_tiny")
     assert r["timed_steps"] == 1 and r["median_step_s"] == r["step_times_s"][1]
@@ -82,8 +103,9 @@ def test_train_task_without_peaks_reports_na(run_stage, tmp_path):
 
 
 def test_attention_task_numbers_are_consistent(run_stage, tmp_path):
-    p = run_stage("bench", *TINY, "task=attention", "attn_batch_size=2", "attn_iters=3", "attn_warmup=1",
-                  "attn_check_rows=2")
+    p = run_stage(
+        "bench", *TINY, "task=attention", "attn_batch_size=2", "attn_iters=3", "attn_warmup=1", "attn_check_rows=2"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r, _ = _bench_json(tmp_path, "attention_tiny")
     B, T, H, D = r["batch"], r["seq_len"], r["n_head"], r["head_dim"]
@@ -135,7 +157,8 @@ def test_reference_attention_matches_sdpa_with_gqa():
     ref = reference_attention(q, k, v, window=3)
     mask = window_mask(9, 9, 3, "cpu")
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    ).transpose(1, 2)
     torch.testing.assert_close(ref, sdpa, rtol=1e-5, atol=1e-5)
 
 
@@ -145,20 +168,29 @@ def test_bench_composes_with_every_model(compose):
         assert isinstance(typed, C.BenchConfig) and typed.model.name == option
     d = to_typed(compose("bench"))
     assert (d.task, d.tokens, d.steps, d.warmup_steps, d.model.name, d.ceiling_size) == (
-        "train", "synthetic", 30, 10, "d12", 8192)
+        "train",
+        "synthetic",
+        30,
+        10,
+        "d12",
+        8192,
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    ("task=speed", "task"),
-    ("tokens=random", "tokens"),
-    ("warmup_steps=30", "warmup_steps"),
-    ("steps=0", "steps"),
-    ("attn_backends=[fa3]", "attn_backends"),
-    ("attn_batch_size=0", "attn_batch_size"),
-    ("loss_kernels=[liger]", "loss_kernels"),
-    ("loss_batch_size=0", "loss_batch_size"),
-    ("loss_iters=0", "loss_iters"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("task=speed", "task"),
+        ("tokens=random", "tokens"),
+        ("warmup_steps=30", "warmup_steps"),
+        ("steps=0", "steps"),
+        ("attn_backends=[fa3]", "attn_backends"),
+        ("attn_batch_size=0", "attn_batch_size"),
+        ("loss_kernels=[liger]", "loss_kernels"),
+        ("loss_batch_size=0", "loss_batch_size"),
+        ("loss_iters=0", "loss_iters"),
+    ],
+)
 def test_bad_bench_values_name_the_key(compose, override, key):
     with pytest.raises(C.ConfigError) as e:
         to_typed(compose("bench", [override]))
@@ -167,8 +199,18 @@ def test_bad_bench_values_name_the_key(compose, override, key):
 
 def test_train_task_on_real_shards(run_stage, tmp_path):
     # tokens=data: the embedded shards through the training loader, tokenizer trained first
-    p = run_stage("bench", "model=tiny", "hardware=cpu", "tokens=data", "tokenizer=bpe8k", "auto_tokenizer=true",
-                  "steps=3", "warmup_steps=1", "hardware.device_batch_size=2", "total_batch_size=256")
+    p = run_stage(
+        "bench",
+        "model=tiny",
+        "hardware=cpu",
+        "tokens=data",
+        "tokenizer=bpe8k",
+        "auto_tokenizer=true",
+        "steps=3",
+        "warmup_steps=1",
+        "hardware.device_batch_size=2",
+        "total_batch_size=256",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r, _ = _bench_json(tmp_path, "train_tiny")
     assert (r["tokens"], r["vocab_size"], r["timed_steps"]) == ("data", 8192, 2)
@@ -176,8 +218,15 @@ def test_train_task_on_real_shards(run_stage, tmp_path):
 
 
 def test_profile_steps_are_extra_and_summarized(run_stage, tmp_path):
-    p = run_stage("bench", *TINY, "steps=3", "warmup_steps=1", "hardware.device_batch_size=2",
-                  "total_batch_size=256", "profile_steps=2")
+    p = run_stage(
+        "bench",
+        *TINY,
+        "steps=3",
+        "warmup_steps=1",
+        "hardware.device_batch_size=2",
+        "total_batch_size=256",
+        "profile_steps=2",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r, run_dir = _bench_json(tmp_path, "train_tiny")
     # the profiled steps are not part of the statistics
@@ -222,18 +271,50 @@ def test_annotations_are_not_kernels():
 def test_scaling_summary_groups_by_configuration(tmp_path):
     """launch/gpu/scaling_summary.py: efficiency = tok/s(N) / (N x tok/s(1)) within one
     configuration, never across precisions; files from several calls combine."""
+
     def result(n, tps, fp8=False, model="d24"):
-        return {"task": "train", "model": model, "dtype": "bfloat16", "fp8": fp8, "attention_backend": "fa4",
-                "device_batch_size": 16, "tokens_per_step": 524288, "device_name": "NVIDIA H200", "world_size": n,
-                "tok_per_s": tps, "median_step_s": 524288 / tps}
+        return {
+            "task": "train",
+            "model": model,
+            "dtype": "bfloat16",
+            "fp8": fp8,
+            "attention_backend": "fa4",
+            "device_batch_size": 16,
+            "tokens_per_step": 524288,
+            "device_name": "NVIDIA H200",
+            "world_size": n,
+            "tok_per_s": tps,
+            "median_step_s": 524288 / tps,
+        }
+
     files = []
-    for i, r in enumerate([result(1, 100_000), result(2, 196_000), result(8, 760_000), result(1, 130_000, fp8=True),
-                           result(8, 975_000, fp8=True), result(2, 300_000, model="d20")]):
+    for i, r in enumerate(
+        [
+            result(1, 100_000),
+            result(2, 196_000),
+            result(8, 760_000),
+            result(1, 130_000, fp8=True),
+            result(8, 975_000, fp8=True),
+            result(2, 300_000, model="d20"),
+        ]
+    ):
         files.append(tmp_path / f"call{i % 2}_bench_{i:02d}.json")
         files[-1].write_text(json.dumps(r))
-    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/scaling_summary.py"), "--json",
-                          str(tmp_path / "s.json"), *map(str, files)], capture_output=True, text=True, check=True).stdout
-    rows = {(r["model"], r["precision"], r["gpus"]): r["efficiency"] for r in json.loads((tmp_path / "s.json").read_text())}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/gpu/scaling_summary.py"),
+            "--json",
+            str(tmp_path / "s.json"),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = {
+        (r["model"], r["precision"], r["gpus"]): r["efficiency"] for r in json.loads((tmp_path / "s.json").read_text())
+    }
     assert rows[("d24", "bfloat16", 1)] == 1.0
     assert rows[("d24", "bfloat16", 2)] == pytest.approx(0.98)
     assert rows[("d24", "bfloat16", 8)] == pytest.approx(0.95)
@@ -245,16 +326,36 @@ def test_scaling_summary_groups_by_configuration(tmp_path):
 def test_drill_compare_splits_the_difference_at_the_resume(tmp_path):
     """launch/gpu/drill_compare.py: the largest |loss - reference| before and after the stop step,
     the first differences after it, and val bpb side by side."""
+
     def write(name, losses, bpbs):
-        rows = [{"step": s, "loss": v} for s, v in losses.items()] + [{"step": s, "val_bpb": v} for s, v in bpbs.items()]
+        rows = [{"step": s, "loss": v} for s, v in losses.items()] + [
+            {"step": s, "val_bpb": v} for s, v in bpbs.items()
+        ]
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
         return tmp_path / name
+
     ref = write("ref.jsonl", {s: 10.0 - s for s in range(1, 9)}, {0: 3.0, 4: 2.0, 8: 1.5})
-    drill = write("drill.jsonl", {s: 10.0 - s + (0.001 if s <= 4 else 0.25 if s == 5 else 0.01) for s in range(1, 9)},
-                  {0: 3.0, 4: 2.0, 8: 1.6})
-    out = subprocess.run([sys.executable, str(REPO / "launch/gpu/drill_compare.py"), "--stop", "4", "--reference",
-                          str(ref), "--json", str(tmp_path / "c.json"), str(drill)],
-                         capture_output=True, text=True, check=True).stdout
+    drill = write(
+        "drill.jsonl",
+        {s: 10.0 - s + (0.001 if s <= 4 else 0.25 if s == 5 else 0.01) for s in range(1, 9)},
+        {0: 3.0, 4: 2.0, 8: 1.6},
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/gpu/drill_compare.py"),
+            "--stop",
+            "4",
+            "--reference",
+            str(ref),
+            "--json",
+            str(tmp_path / "c.json"),
+            str(drill),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     c = json.loads((tmp_path / "c.json").read_text())
     assert c["max_abs_dloss_before"] == pytest.approx(0.001) and c["steps_before"] == 4
     assert c["max_abs_dloss_after"] == pytest.approx(0.25) and c["steps_after"] == 4

@@ -37,11 +37,19 @@ class Tiny(torch.nn.Module):
 
 
 def make_optim(model: Tiny) -> MuonAdamW:
-    return MuonAdamW([
-        {"kind": "adamw", "params": [model.wte, model.head], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10,
-         "weight_decay": 0.0},
-        {"kind": "muon", "params": list(model.h), "lr": 0.02, "momentum": 0.95, "weight_decay": 0.1},
-    ])
+    return MuonAdamW(
+        [
+            {
+                "kind": "adamw",
+                "params": [model.wte, model.head],
+                "lr": 0.01,
+                "betas": (0.8, 0.95),
+                "eps": 1e-10,
+                "weight_decay": 0.0,
+            },
+            {"kind": "muon", "params": list(model.h), "lr": 0.02, "momentum": 0.95, "weight_decay": 0.1},
+        ]
+    )
 
 
 def train_steps(model: Tiny, opt: MuonAdamW, n: int, seed: int) -> None:
@@ -56,17 +64,28 @@ def draws() -> tuple:
     return random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.randn(), torch.rand(4).tolist()
 
 
-META = {"config_hash": "abc123", "model_config": {"depth": 2, "n_embd": 8}, "derived": {"batch": (4, 8)},
-        "loop": {"min_val_bpb": float("inf"), "smooth_loss": 2.5, "train_time": 12.0}}
+META = {
+    "config_hash": "abc123",
+    "model_config": {"depth": 2, "n_embd": 8},
+    "derived": {"batch": (4, 8)},
+    "loop": {"min_val_bpb": float("inf"), "smooth_loss": 2.5, "train_time": 12.0},
+}
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module | None = None, world_size: int = 1, **kw) -> Path:
     model = model if model is not None else Tiny(step)
     loaders = [{"rank": r, "tokens": np.arange(5, dtype=np.int32), "position": (0, r)} for r in range(world_size)]
     rngs = [ckpt.capture_rng_state() for _ in range(world_size)]
-    return ckpt.save_checkpoint(run_dir, step, model_state=model.state_dict(),
-                                optim_state={"state": {}, "param_groups": []}, loader_states=loaders,
-                                rng_states=rngs, meta=dict(META, world_size=world_size), **kw)
+    return ckpt.save_checkpoint(
+        run_dir,
+        step,
+        model_state=model.state_dict(),
+        optim_state={"state": {}, "param_groups": []},
+        loader_states=loaders,
+        rng_states=rngs,
+        meta=dict(META, world_size=world_size),
+        **kw,
+    )
 
 
 def visible_steps(run_dir: Path) -> list[str]:
@@ -96,11 +115,25 @@ def test_round_trip_of_every_part(tmp_path):
     random.gauss(0, 1)  # leaves a cached gauss_next in the python state
     rng = ckpt.capture_rng_state()
     expected = draws()
-    loader_states = [{"version": 1, "rank": r, "position": (2, r), "packer": {"lengths": np.array([2, 3]),
-                      "tokens": np.arange(5, dtype=np.int32), "docs_in": np.int64(9)}, "pending_rows": None}
-                     for r in range(2)]
-    path = ckpt.save_checkpoint(tmp_path, 42, model_state=model.state_dict(), optim_state=opt.full_state_dict(),
-                                loader_states=loader_states, rng_states=[rng, rng], meta=dict(META, world_size=2))
+    loader_states = [
+        {
+            "version": 1,
+            "rank": r,
+            "position": (2, r),
+            "packer": {"lengths": np.array([2, 3]), "tokens": np.arange(5, dtype=np.int32), "docs_in": np.int64(9)},
+            "pending_rows": None,
+        }
+        for r in range(2)
+    ]
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        42,
+        model_state=model.state_dict(),
+        optim_state=opt.full_state_dict(),
+        loader_states=loader_states,
+        rng_states=[rng, rng],
+        meta=dict(META, world_size=2),
+    )
     assert path == tmp_path / "checkpoints" / "step_000042"
     assert sorted(p.name for p in path.iterdir()) == ["loader.pt", "meta.json", "model.pt", "optim.pt", "rng.pt"]
     assert latest_name(tmp_path) == "step_000042"
@@ -140,9 +173,15 @@ def test_every_file_loads_with_weights_only(tmp_path):
     model = Tiny(0)
     opt = make_optim(model)
     train_steps(model, opt, 1, seed=0)
-    path = ckpt.save_checkpoint(tmp_path, 1, model_state=model.state_dict(), optim_state=opt.full_state_dict(),
-                                loader_states=[{"a": np.zeros(3, np.uint32), "b": np.float32(1.5)}],
-                                rng_states=[ckpt.capture_rng_state()], meta=META)
+    path = ckpt.save_checkpoint(
+        tmp_path,
+        1,
+        model_state=model.state_dict(),
+        optim_state=opt.full_state_dict(),
+        loader_states=[{"a": np.zeros(3, np.uint32), "b": np.float32(1.5)}],
+        rng_states=[ckpt.capture_rng_state()],
+        meta=META,
+    )
     for name in ckpt.FILES:
         obj = torch.load(path / name, weights_only=True)
         assert obj is not None
@@ -152,12 +191,14 @@ def test_every_file_loads_with_weights_only(tmp_path):
 
 def test_compiled_prefix_is_stripped_and_unstorable_values_fail_before_writing(tmp_path):
     state = {"_orig_mod.w": torch.ones(2), "b": torch.zeros(1)}
-    path = ckpt.save_checkpoint(tmp_path, 1, model_state=state, optim_state={}, loader_states=[{}],
-                                rng_states=[{}], meta={})
+    path = ckpt.save_checkpoint(
+        tmp_path, 1, model_state=state, optim_state={}, loader_states=[{}], rng_states=[{}], meta={}
+    )
     assert set(torch.load(path / "model.pt", weights_only=True)) == {"w", "b"}
     with pytest.raises(TypeError, match=r"loader\[0\]\['x'\]"):
-        ckpt.save_checkpoint(tmp_path, 2, model_state={}, optim_state={}, loader_states=[{"x": object()}],
-                             rng_states=[{}], meta={})
+        ckpt.save_checkpoint(
+            tmp_path, 2, model_state={}, optim_state={}, loader_states=[{"x": object()}], rng_states=[{}], meta={}
+        )
     assert visible_steps(tmp_path) == ["step_000001"] and hidden(tmp_path) == []
 
 
@@ -194,8 +235,15 @@ def test_loader_state_round_trips_into_pretrain_loader(tmp_path, tok_and_shards,
     states = [ld.state_dict(include_last_batch=include_last_batch) for ld in loaders]
     if include_last_batch:
         assert states[0]["pending_rows"] is not None  # the array path is exercised
-    ckpt.save_checkpoint(tmp_path, 3, model_state={}, optim_state={}, loader_states=states,
-                         rng_states=[{}, {}], meta=dict(META, world_size=W))
+    ckpt.save_checkpoint(
+        tmp_path,
+        3,
+        model_state={},
+        optim_state={},
+        loader_states=states,
+        rng_states=[{}, {}],
+        meta=dict(META, world_size=W),
+    )
     loaded = ckpt.load_checkpoint(tmp_path, parts=("loader",))["loader"]
     assert loaded[0]["packer"]["tokens"].__class__ is torch.Tensor
     for r in range(W):

@@ -12,8 +12,21 @@ from omegaconf import OmegaConf
 from chatlm import config as C
 from chatlm.app import UsageError, check_overrides, conf_dir, group_options, safe_dirname, to_typed
 
-TRAIN_GROUPS = ["model", "optim", "schedule", "data", "tokenizer", "hardware", "precision", "logger", "paths",
-                "cluster", "experiment", "sweep", "debug"]
+TRAIN_GROUPS = [
+    "model",
+    "optim",
+    "schedule",
+    "data",
+    "tokenizer",
+    "hardware",
+    "precision",
+    "logger",
+    "paths",
+    "cluster",
+    "experiment",
+    "sweep",
+    "debug",
+]
 
 
 def test_every_group_has_a_schema_and_options():
@@ -81,7 +94,13 @@ def test_defaults_are_nanochats(compose):
     m, o, s = t.model, t.optim, t.schedule
     assert (m.depth, m.aspect_ratio, m.head_dim, m.sequence_len, m.window_pattern) == (20, 64, 128, 2048, "SSSL")
     assert (m.softcap, m.qk_scale, m.rope_base, m.ve_gate_channels, m.ve_gate_range, m.smear_channels) == (
-        15.0, 1.2, 100000.0, 12, 3.0, 24)
+        15.0,
+        1.2,
+        100000.0,
+        12,
+        3.0,
+        24,
+    )
     assert (m.backout_init, m.wte_init_std, m.lm_head_init_std, m.fc_init_scale) == (0.2, 0.8, 0.001, 0.4)
     assert (o.embedding_lr, o.unembedding_lr, o.matrix_lr, o.scalar_lr, o.weight_decay) == (0.3, 0.008, 0.02, 0.5, 0.28)
     assert (s.warmup_steps, s.warmdown_ratio, s.final_lr_frac) == (40, 0.65, 0.05)
@@ -125,8 +144,19 @@ def test_unknown_key_suggests_the_right_one():
     with pytest.raises(UsageError, match=r"Did you mean 'model\.softcap'"):
         check_overrides("train", ["+model.sofcap=10"])
     # real keys, group choices, sweeps and hydra keys pass
-    check_overrides("train", ["model.softcap=10,20", "model=d12", "hydra.launcher.partition=x", "seed=1",
-                              "data.sources.0.weight=2", "hydra/launcher=local", "--cfg", "job"])
+    check_overrides(
+        "train",
+        [
+            "model.softcap=10,20",
+            "model=d12",
+            "hydra.launcher.partition=x",
+            "seed=1",
+            "data.sources.0.weight=2",
+            "hydra/launcher=local",
+            "--cfg",
+            "job",
+        ],
+    )
 
 
 def test_wrong_type_fails_at_composition(compose):
@@ -145,15 +175,18 @@ def test_unknown_option_lists_the_valid_ones(compose):
     assert "model/d25x" in message and all(opt in message for opt in ("d12", "d24", "tiny"))
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.window_pattern=SXL", "model.window_pattern"),
-    ("model.short_window=4096", "model.short_window"),
-    ("hardware.nproc_per_node=0", "hardware.nproc_per_node"),
-    ("schedule.warmdown_ratio=1.5", "schedule.warmdown_ratio"),
-    ("optim.lm_head_betas=[0.9]", "optim.lm_head_betas"),
-    ("steps=0", "steps"),
-    ("run_name=a/b", "run_name"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("model.window_pattern=SXL", "model.window_pattern"),
+        ("model.short_window=4096", "model.short_window"),
+        ("hardware.nproc_per_node=0", "hardware.nproc_per_node"),
+        ("schedule.warmdown_ratio=1.5", "schedule.warmdown_ratio"),
+        ("optim.lm_head_betas=[0.9]", "optim.lm_head_betas"),
+        ("steps=0", "steps"),
+        ("run_name=a/b", "run_name"),
+    ],
+)
 def test_semantic_errors_name_the_key(compose, override, key):
     with pytest.raises(C.ConfigError) as e:
         to_typed(compose("train", [override]))

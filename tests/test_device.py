@@ -12,16 +12,19 @@ from chatlm.config import ConfigError, DType, HardwareConfig, PrecisionConfig
 from chatlm.runtime.device import DevicePolicy, choose_dtype, seed_everything
 
 
-@pytest.mark.parametrize("requested,device,cap,expected", [
-    ("auto", "cuda", (9, 0), torch.bfloat16),
-    ("auto", "cuda", (8, 0), torch.bfloat16),
-    ("auto", "cuda", (7, 5), torch.float32),
-    ("auto", "cpu", None, torch.float32),
-    ("auto", "mps", None, torch.float32),
-    ("bfloat16", "cpu", None, torch.bfloat16),
-    ("float32", "cuda", (9, 0), torch.float32),
-    ("float16", "cuda", (7, 0), torch.float16),
-])
+@pytest.mark.parametrize(
+    "requested,device,cap,expected",
+    [
+        ("auto", "cuda", (9, 0), torch.bfloat16),
+        ("auto", "cuda", (8, 0), torch.bfloat16),
+        ("auto", "cuda", (7, 5), torch.float32),
+        ("auto", "cpu", None, torch.float32),
+        ("auto", "mps", None, torch.float32),
+        ("bfloat16", "cpu", None, torch.bfloat16),
+        ("float32", "cuda", (9, 0), torch.float32),
+        ("float16", "cuda", (7, 0), torch.float16),
+    ],
+)
 def test_choose_dtype(requested, device, cap, expected):
     dtype, reason = choose_dtype(requested, device, cap)
     assert dtype == expected and reason
@@ -42,9 +45,16 @@ def test_fp16_and_fp8_need_cuda():
 def test_policy_on_cpu_never_compiles():
     p = DevicePolicy.create(HardwareConfig(compile=True), PrecisionConfig(dtype=DType.bfloat16), torch.device("cpu"))
     assert p.compute_dtype == torch.bfloat16 and p.compile is False
-    assert p.describe() == {"device": "cpu", "compute_dtype": "bfloat16", "dtype_reason": "set by precision.dtype",
-                            "tf32": True, "compile": False, "compile_mode": None, "fp8": False,
-                            "deterministic": False}
+    assert p.describe() == {
+        "device": "cpu",
+        "compute_dtype": "bfloat16",
+        "dtype_reason": "set by precision.dtype",
+        "tf32": True,
+        "compile": False,
+        "compile_mode": None,
+        "fp8": False,
+        "deterministic": False,
+    }
     m = torch.nn.Linear(2, 2)
     assert p.maybe_compile(m) is m and p.compile_model(m) is m
 

@@ -20,20 +20,48 @@ def test_detect_single():
 
 
 def test_detect_torchrun():
-    env = {"TORCHELASTIC_RUN_ID": "abc", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-           "GROUP_RANK": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29400"}
+    env = {
+        "TORCHELASTIC_RUN_ID": "abc",
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "h0",
+        "MASTER_PORT": "29400",
+    }
     info = dist.detect(env)
     assert (info.launcher, info.rank, info.local_rank, info.world_size, info.local_world_size, info.node_rank) == (
-        "torchrun", 3, 1, 4, 2, 1)
+        "torchrun",
+        3,
+        1,
+        4,
+        2,
+        1,
+    )
     assert (info.master_addr, info.master_port, info.job_id) == ("h0", 29400, "abc")
 
 
 def test_detect_slurm_derives_master_and_ranks():
-    env = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
-           "SLURM_NODEID": "2", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    env = {
+        "SLURM_JOB_ID": "1234",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "5",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_NTASKS": "8",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_JOB_NODELIST": "gpu[07-10]",
+    }
     info = dist.detect(env)
     assert (info.launcher, info.rank, info.local_rank, info.world_size, info.local_world_size, info.node_rank) == (
-        "slurm", 5, 1, 8, 2, 2)
+        "slurm",
+        5,
+        1,
+        8,
+        2,
+        2,
+    )
     assert info.master_addr == "gpu07" and info.master_port == dist.port_from_job_id("12340")
     assert 20000 <= info.master_port < 60000
 
@@ -45,20 +73,33 @@ def test_slurm_batch_script_is_not_a_rank():
 
 
 def test_detect_submitit_local_and_plain_env():
-    info = dist.detect({"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2",
-                        "SUBMITIT_LOCAL_JOB_ID": "777"})
-    assert (info.launcher, info.rank, info.world_size, info.master_port) == ("submitit_local", 1, 2,
-                                                                             dist.port_from_job_id("777"))
+    info = dist.detect(
+        {
+            "SUBMITIT_LOCAL_GLOBALID": "1",
+            "SUBMITIT_LOCAL_LOCALID": "1",
+            "SUBMITIT_LOCAL_NTASKS": "2",
+            "SUBMITIT_LOCAL_JOB_ID": "777",
+        }
+    )
+    assert (info.launcher, info.rank, info.world_size, info.master_port) == (
+        "submitit_local",
+        1,
+        2,
+        dist.port_from_job_id("777"),
+    )
     info = dist.detect({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
     assert (info.launcher, info.rank, info.master_addr, info.master_port) == ("env", 1, "10.0.0.1", 1234)
 
 
-@pytest.mark.parametrize("nodelist,hosts", [
-    ("n1", ["n1"]),
-    ("n[1-3]", ["n1", "n2", "n3"]),
-    ("gpu[07-09,12],cpu5", ["gpu07", "gpu08", "gpu09", "gpu12", "cpu5"]),
-    ("a[1,3]-ib", ["a1-ib", "a3-ib"]),
-])
+@pytest.mark.parametrize(
+    "nodelist,hosts",
+    [
+        ("n1", ["n1"]),
+        ("n[1-3]", ["n1", "n2", "n3"]),
+        ("gpu[07-09,12],cpu5", ["gpu07", "gpu08", "gpu09", "gpu12", "cpu5"]),
+        ("a[1,3]-ib", ["a1-ib", "a3-ib"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     assert dist.expand_nodelist(nodelist) == hosts
 
@@ -68,8 +109,13 @@ def _sum_ranks(ctx: dist.DistContext, offset: float) -> dict:
 
     t = torch.tensor([ctx.rank + offset])
     tdist.all_reduce(t)
-    return {"rank": ctx.rank, "sum": t.item(), "world": ctx.world_size, "backend": ctx.backend,
-            "same": ctx.broadcast_object(f"from-{ctx.rank}")}
+    return {
+        "rank": ctx.rank,
+        "sum": t.item(),
+        "world": ctx.world_size,
+        "backend": ctx.backend,
+        "same": ctx.broadcast_object(f"from-{ctx.rank}"),
+    }
 
 
 def test_launch_spawns_gloo_ranks_and_returns_rank0():
@@ -78,8 +124,9 @@ def test_launch_spawns_gloo_ranks_and_returns_rank0():
 
 
 def test_launch_single_process_has_no_process_group():
-    seen = dist.launch(lambda ctx: (ctx.world_size, ctx.distributed, ctx.all_gather_object(5)), (),
-                       info=dist.RankInfo(), device="cpu")
+    seen = dist.launch(
+        lambda ctx: (ctx.world_size, ctx.distributed, ctx.all_gather_object(5)), (), info=dist.RankInfo(), device="cpu"
+    )
     assert seen == (1, False, [5])
 
 
@@ -97,7 +144,7 @@ def assert_one_two_rank_run(tmp_path, launcher: str, root=None) -> None:
     assert sorted(p.name for p in (dirs[0] / "logs").iterdir()) == ["rank0.log", "rank1.log"]
     assert "rank 1/2" in (dirs[0] / "logs" / "rank1.log").read_text()
     assert (dirs[0] / "config.resolved.yaml").is_file() and (dirs[0] / ".hydra" / "config.yaml").is_file()
-    assert [l.count('"all_reduce"') for l in (dirs[0] / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [line.count('"all_reduce"') for line in (dirs[0] / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_check_spawned_ranks(tmp_path, run_stage):
@@ -107,8 +154,11 @@ def test_check_spawned_ranks(tmp_path, run_stage):
 
 
 def test_check_under_torchrun(tmp_path, run_stage):
-    r = run_stage("check", "hardware=cpu", prefix=[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                   "--nproc_per_node=2", "-m"])
+    r = run_stage(
+        "check",
+        "hardware=cpu",
+        prefix=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"],
+    )
     assert r.returncode == 0, r.stderr
     assert_one_two_rank_run(tmp_path, "torchrun")
 
@@ -118,11 +168,27 @@ def test_check_from_slurm_task_environment(tmp_path):
     job = str(random.randint(100000, 999999))
     procs = []
     for rank in (0, 1):
-        env = stage_env(tmp_path, SLURM_JOB_ID=job, SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
-                        SLURM_LOCALID=str(rank), SLURM_NODEID="0", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
-                        SLURM_JOB_NODELIST="localhost")
-        procs.append(subprocess.Popen([sys.executable, "-m", "chatlm.check", "hardware=cpu"], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = stage_env(
+            tmp_path,
+            SLURM_JOB_ID=job,
+            SLURM_STEP_ID="0",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_NODEID="0",
+            SLURM_NTASKS="2",
+            SLURM_JOB_NUM_NODES="1",
+            SLURM_JOB_NODELIST="localhost",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "chatlm.check", "hardware=cpu"],
+                cwd=tmp_path,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert_one_two_rank_run(tmp_path, "slurm")
@@ -144,7 +210,14 @@ def test_check_through_submitit_local_tasks(tmp_path, run_stage):
 
 
 def test_one_task_slurm_step_is_recorded_as_slurm():
-    env = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1",
-           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1"}
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "n1",
+    }
     info = dist.detect(env)
     assert (info.launcher, info.rank, info.world_size, info.local_world_size, info.job_id) == ("slurm", 0, 1, 1, "7")

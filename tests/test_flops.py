@@ -6,21 +6,23 @@ import math
 
 import pytest
 
-from chatlm.runtime.flops import (attention_flops_per_token, format_mfu, mfu, peak_flops,
-                                  train_flops_per_token)
+from chatlm.runtime.flops import attention_flops_per_token, format_mfu, mfu, peak_flops, train_flops_per_token
 
 
-@pytest.mark.parametrize("name,peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", 835e12),
-    ("NVIDIA H200", 989e12),
-    ("NVIDIA H200 NVL", 836e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("NVIDIA GeForce RTX 4090", 165.2e12),
-    ("NVIDIA L4", 121e12),
-    ("NVIDIA L40S", 362e12),
-])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 836e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", 165.2e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40S", 362e12),
+    ],
+)
 def test_peak_table(name, peak):
     assert peak_flops(name) == peak
 

@@ -16,8 +16,13 @@ from tests.conftest import REPO, stage_env
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO)],
-                   check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     (whl,) = out.glob("chatlm-*.whl")
     return whl
 
@@ -33,11 +38,19 @@ def test_installed_wheel_composes_and_runs_outside_the_repo(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
-                   timeout=300, capture_output=True)
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     # dependencies come from the test environment; chatlm itself only from the wheel
-    fresh_site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                check=True, capture_output=True, text=True).stdout.strip()
+    fresh_site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(fresh_site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = stage_env(tmp_path)
     env.pop("PYTHONPATH", None)
@@ -57,6 +70,7 @@ def test_installed_wheel_composes_and_runs_outside_the_repo(wheel, tmp_path):
     done = run("-m", "chatlm.check", "matmul_size=8")
     assert done.returncode == 0, done.stderr
     assert list((tmp_path / "outputs" / "check").glob("*/*/run.json"))
-    groups = subprocess.run([str(venv / "bin" / "chatlm"), "groups", "model"], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=60)
+    groups = subprocess.run(
+        [str(venv / "bin" / "chatlm"), "groups", "model"], cwd=work, env=env, capture_output=True, text=True, timeout=60
+    )
     assert groups.returncode == 0 and groups.stdout.startswith("model: d12, d16")

@@ -11,16 +11,38 @@ import yaml
 
 from chatlm.runs.summary import write_summary
 from chatlm.runtime.metrics import MetricsWriter, read_metrics
-from chatlm.runtime.rundir import (JobInfo, Run, RunDirError, atomic_write_text, config_diff, config_hash,
-                                   mark_failed_if_running, update_latest_link)
+from chatlm.runtime.rundir import (
+    JobInfo,
+    Run,
+    RunDirError,
+    atomic_write_text,
+    config_diff,
+    config_hash,
+    mark_failed_if_running,
+    update_latest_link,
+)
 
-CFG = {"stage": "train", "run_name": "r", "seed": 1, "resume": "auto", "model": {"depth": 4, "softcap": 15.0},
-       "paths": {"output_root": "/x"}, "hardware": {"nproc_per_node": 1}}
+CFG = {
+    "stage": "train",
+    "run_name": "r",
+    "seed": 1,
+    "resume": "auto",
+    "model": {"depth": 4, "softcap": 15.0},
+    "paths": {"output_root": "/x"},
+    "hardware": {"nproc_per_node": 1},
+}
 
 
 def job(tmp_path: Path, name: str = "run", multirun: bool = False) -> JobInfo:
-    return JobInfo(stage="train", run_dir=str(tmp_path / name), output_root=str(tmp_path), multirun=multirun,
-                   overrides=["model.depth=4"], choices={"model": "d4"}, argv=["python", "-m", "chatlm.train"])
+    return JobInfo(
+        stage="train",
+        run_dir=str(tmp_path / name),
+        output_root=str(tmp_path),
+        multirun=multirun,
+        overrides=["model.depth=4"],
+        choices={"model": "d4"},
+        argv=["python", "-m", "chatlm.train"],
+    )
 
 
 def test_begin_writes_record_config_and_latest(tmp_path):
@@ -118,8 +140,11 @@ def test_sweep_jobs_do_not_move_latest(tmp_path):
     info.sweep_dir, info.job_num, info.override_dirname = str(tmp_path), 3, "model.depth=4"
     Run(tmp_path / "run").begin(info, CFG)
     assert not (tmp_path / "train" / "latest").exists()
-    assert Run(tmp_path / "run").record()["sweep"] == {"dir": str(tmp_path), "job_num": 3,
-                                                        "override_dirname": "model.depth=4"}
+    assert Run(tmp_path / "run").record()["sweep"] == {
+        "dir": str(tmp_path),
+        "job_num": 3,
+        "override_dirname": "model.depth=4",
+    }
 
 
 def test_mark_failed_if_running(tmp_path):
@@ -167,7 +192,11 @@ def test_summary_lists_every_job_with_status_and_metrics(tmp_path):
     (sweep / ".submitit").mkdir()
     rows = write_summary(sweep)
     assert [(r["job"], r["status"]) for r in rows] == [(0, "completed"), (1, "failed"), (2, "running"), (3, "missing")]
-    assert rows[0]["loss"] == 1.5 and rows[1]["error"] == "RuntimeError: boom" and rows[3]["overrides"] == "model.softcap=25"
+    assert (
+        rows[0]["loss"] == 1.5
+        and rows[1]["error"] == "RuntimeError: boom"
+        and rows[3]["overrides"] == "model.softcap=25"
+    )
     csv_lines = (sweep / "summary.csv").read_text().splitlines()
     assert csv_lines[0].split(",")[:4] == ["job", "status", "overrides", "loss"] and len(csv_lines) == 5
     md = (sweep / "summary.md").read_text()

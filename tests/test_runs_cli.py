@@ -17,28 +17,54 @@ from chatlm.runs.index import find_runs, parse_since
 from chatlm.runtime.rundir import JobInfo, Run
 
 # (softcap, seed, logged val_bpb rows, final val_bpb, train_loss) of the completed sweep jobs
-JOBS = [(10.0, 1, [1.10, 0.89, 0.90], 0.90, 2.0),
-        (10.0, 2, [1.10, 0.91, 0.92], 0.92, 2.1),
-        (15.0, 1, [1.05, 0.84, 0.85], 0.85, 1.9),
-        (15.0, 2, [1.05, 0.87, 0.88], 0.88, 1.8)]
+JOBS = [
+    (10.0, 1, [1.10, 0.89, 0.90], 0.90, 2.0),
+    (10.0, 2, [1.10, 0.91, 0.92], 0.92, 2.1),
+    (15.0, 1, [1.05, 0.84, 0.85], 0.85, 1.9),
+    (15.0, 2, [1.05, 0.87, 0.88], 0.88, 1.8),
+]
 
 
 def _cfg(root: Path, run_dir: Path, softcap: float, seed: int, name: str) -> dict:
-    return {"stage": "train", "run_name": name, "seed": seed, "resume": "auto",
-            "model": {"depth": 4, "softcap": softcap, "n_embd": 256}, "optim": {"lr": 0.02},
-            "paths": {"output_root": str(root), "run_dir": str(run_dir)}}
+    return {
+        "stage": "train",
+        "run_name": name,
+        "seed": seed,
+        "resume": "auto",
+        "model": {"depth": 4, "softcap": softcap, "n_embd": 256},
+        "optim": {"lr": 0.02},
+        "paths": {"output_root": str(root), "run_dir": str(run_dir)},
+    }
 
 
 def _start(i: int) -> str:
     return f"2026-11-2{0 + i // 10}T{10 + i % 10:02d}:00:00.000+00:00"
 
 
-def _make(root: Path, run_dir: Path, *, softcap: float, seed: int, start: str, name: str = "sweep",
-          sweep: Path | None = None, job_num: int | None = None, stage: str = "train") -> Run:
+def _make(
+    root: Path,
+    run_dir: Path,
+    *,
+    softcap: float,
+    seed: int,
+    start: str,
+    name: str = "sweep",
+    sweep: Path | None = None,
+    job_num: int | None = None,
+    stage: str = "train",
+) -> Run:
     overrides = [f"model.softcap={softcap:g}", f"seed={seed}"]
-    job = JobInfo(stage=stage, run_dir=str(run_dir), output_root=str(root), multirun=sweep is not None,
-                  sweep_dir=str(sweep) if sweep else None, job_num=job_num,
-                  override_dirname=",".join(overrides), overrides=overrides, choices={"model": "d4"})
+    job = JobInfo(
+        stage=stage,
+        run_dir=str(run_dir),
+        output_root=str(root),
+        multirun=sweep is not None,
+        sweep_dir=str(sweep) if sweep else None,
+        job_num=job_num,
+        override_dirname=",".join(overrides),
+        overrides=overrides,
+        choices={"model": "d4"},
+    )
     run = Run(run_dir)
     run.begin(job, _cfg(root, run_dir, softcap, seed, name), derived={"world_size": 1, "n_params": 12_500_000})
     run.update_record(start_time=start)
@@ -50,16 +76,24 @@ def outputs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs") / "outputs"
     sweep = root / "train" / "multirun" / "2026-11-20" / "10-00-00"
     for i, (softcap, seed, rows, final, loss) in enumerate(JOBS):
-        run = _make(root, sweep / f"{i}_model.softcap={softcap:g},seed={seed}", softcap=softcap, seed=seed,
-                    start=_start(i), sweep=sweep, job_num=i)
+        run = _make(
+            root,
+            sweep / f"{i}_model.softcap={softcap:g},seed={seed}",
+            softcap=softcap,
+            seed=seed,
+            start=_start(i),
+            sweep=sweep,
+            job_num=i,
+        )
         for step, v in enumerate(rows):
             run.log_metrics(step=(step + 1) * 100, val_bpb=v, train_loss=loss + 0.5 - 0.25 * step)
         run.set_final_metrics(val_bpb=final, min_val_bpb=min(rows), train_loss=loss)
         run.finish("completed")
         run.update_record(duration_s=600.0 + 60 * i)
     # job 4 failed mid-way, with a torn last metrics line
-    failed = _make(root, sweep / "4_model.softcap=20,seed=1", softcap=20.0, seed=1, start=_start(4), sweep=sweep,
-                   job_num=4)
+    failed = _make(
+        root, sweep / "4_model.softcap=20,seed=1", softcap=20.0, seed=1, start=_start(4), sweep=sweep, job_num=4
+    )
     failed.log_metrics(step=100, val_bpb=1.2, train_loss=2.6)
     failed.metrics.close()
     failed.metrics = None
@@ -68,13 +102,15 @@ def outputs(tmp_path_factory) -> Path:
     failed.finish("failed", RuntimeError("CUDA out of memory"))
     failed.update_record(duration_s=30.0)
     # a live single run, and one that says running but has been silent for two hours (crashed)
-    live = _make(root, root / "train" / "2026-11-21" / "12-00-00-abcd_live", softcap=15.0, seed=3,
-                 start=_start(11), name="live")
+    live = _make(
+        root, root / "train" / "2026-11-21" / "12-00-00-abcd_live", softcap=15.0, seed=3, start=_start(11), name="live"
+    )
     live.log_metrics(step=100, val_bpb=1.0, train_loss=2.2)
     live.metrics.close()
     live.metrics = None
-    dead = _make(root, root / "train" / "2026-11-21" / "09-00-00-dead_dead", softcap=10.0, seed=3,
-                 start=_start(10), name="dead")
+    dead = _make(
+        root, root / "train" / "2026-11-21" / "09-00-00-dead_dead", softcap=10.0, seed=3, start=_start(10), name="dead"
+    )
     dead.log_metrics(step=100, val_bpb=1.3)
     dead.metrics.close()
     dead.metrics = None
@@ -82,8 +118,15 @@ def outputs(tmp_path_factory) -> Path:
     for p in (dead.path / "run.json", dead.path / "metrics.jsonl"):
         os.utime(p, (old, old))
     # a completed run of another stage
-    check = _make(root, root / "check" / "2026-11-22" / "08-00-00-beef_chk", softcap=15.0, seed=1,
-                  start=_start(20), name="chk", stage="check")
+    check = _make(
+        root,
+        root / "check" / "2026-11-22" / "08-00-00-beef_chk",
+        softcap=15.0,
+        seed=1,
+        start=_start(20),
+        name="chk",
+        stage="check",
+    )
     check.set_final_metrics(val_bpb=1.5)
     check.finish("completed")
     # directories from other tools
@@ -98,7 +141,7 @@ def outputs(tmp_path_factory) -> Path:
 
 
 def _lines(text: str) -> list[str]:
-    return [l for l in text.splitlines() if l.strip()]
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _table(text: str) -> tuple[list[str], list[list[str]]]:
@@ -106,7 +149,7 @@ def _table(text: str) -> tuple[list[str], list[list[str]]]:
     import re
 
     lines = _lines(text)
-    split = [re.split(r"\s{2,}", l.strip()) for l in lines]
+    split = [re.split(r"\s{2,}", line.strip()) for line in lines]
     return split[0], split[1:]
 
 
@@ -122,8 +165,12 @@ def test_ls_lists_every_run_and_notes_broken_dirs(outputs, capsys):
     assert "Traceback" not in err
     # default sort: by start time, ascending
     names_status = [(r[1], r[2]) for r in rows]
-    assert names_status == [("sweep", "completed")] * 4 + [("sweep", "failed"), ("dead", "running?"),
-                                                          ("live", "running"), ("chk", "completed")]
+    assert names_status == [("sweep", "completed")] * 4 + [
+        ("sweep", "failed"),
+        ("dead", "running?"),
+        ("live", "running"),
+        ("chk", "completed"),
+    ]
     first = rows[0]
     assert first[3].startswith("2026-11-20") and first[4] == "10m00s"
     assert first[5] == "d4 (12.5M)" and first[6] == "model.softcap=10 seed=1"
@@ -140,8 +187,7 @@ def test_ls_filters_sort_last(outputs, capsys):
     main(["runs", "ls", str(outputs), "--where", "derived.n_params=12500000", "--stage", "check"])
     _, rows = _table(capsys.readouterr().out)
     assert [r[1] for r in rows] == ["chk"]
-    main(["runs", "ls", str(outputs), "--sort", "duration", "--last", "2", "--status", "completed",
-          "--stage", "train"])
+    main(["runs", "ls", str(outputs), "--sort", "duration", "--last", "2", "--status", "completed", "--stage", "train"])
     _, rows = _table(capsys.readouterr().out)
     assert [r[4] for r in rows] == ["12m00s", "13m00s"]
     main(["runs", "ls", str(outputs), "--since", "2026-11-21"])
@@ -231,8 +277,24 @@ def test_compare_sweep_differing_keys_and_groups(outputs, capsys):
 
 def test_compare_seed_table_baseline_md_csv(outputs, capsys):
     sweep = outputs / "train" / "multirun" / "2026-11-20" / "10-00-00"
-    assert main(["runs", "compare", str(sweep), "--baseline", "model.softcap=15", "--format", "md",
-                 "--metric", "val_bpb", "--metric", "train_loss"]) == 0
+    assert (
+        main(
+            [
+                "runs",
+                "compare",
+                str(sweep),
+                "--baseline",
+                "model.softcap=15",
+                "--format",
+                "md",
+                "--metric",
+                "val_bpb",
+                "--metric",
+                "train_loss",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     seeds = out.partition("per setting over seeds")[2]
     assert "p vs model.softcap=15" in seeds
@@ -258,8 +320,10 @@ def test_compare_seed_table_baseline_md_csv(outputs, capsys):
 def test_compare_formats_and_explicit_runs(outputs, capsys):
     sweep = outputs / "train" / "multirun" / "2026-11-20" / "10-00-00"
     a, b = sweep / "0_model.softcap=10,seed=1", sweep / "2_model.softcap=15,seed=1"
-    assert main(["runs", "compare", str(a), str(b), "--format", "csv", "--metric", "val_bpb",
-                 "--metric", "train_loss"]) == 0
+    assert (
+        main(["runs", "compare", str(a), str(b), "--format", "csv", "--metric", "val_bpb", "--metric", "train_loss"])
+        == 0
+    )
     lines = _lines(capsys.readouterr().out)
     assert lines[0] == "run,status,model.softcap,val_bpb,best val_bpb,train_loss,best train_loss"
     assert lines[1] == '"0_model.softcap=10,seed=1",completed,10,0.9,0.89,2,2'  # the comma in the name is quoted
@@ -290,8 +354,15 @@ def test_compare_at_equal_tokens_and_flops(tmp_path, capsys):
     sweep = root / "sweeps" / "s"
     curves = {10.0: [(100, 2.0), (200, 1.0), (300, 0.5)], 15.0: [(100, 3.0), (250, 1.5)]}
     for i, (softcap, points) in enumerate(curves.items()):
-        run = _make(root, sweep / f"{i}_model.softcap={softcap:g}", softcap=softcap, seed=1, start=_start(i),
-                    sweep=sweep, job_num=i)
+        run = _make(
+            root,
+            sweep / f"{i}_model.softcap={softcap:g}",
+            softcap=softcap,
+            seed=1,
+            start=_start(i),
+            sweep=sweep,
+            job_num=i,
+        )
         run.record_derived(flops_per_token=10.0 * (i + 1))
         for tokens, v in points:
             run.log_metrics(step=tokens // 100, tokens=tokens, val_bpb=v)

@@ -14,7 +14,7 @@ from chatlm.runs.index import find_runs, load_run
 from chatlm.runs.plot import plot_runs, smooth
 from chatlm.runtime.rundir import JobInfo, Run
 
-BATCH = 1000          # tokens per step
+BATCH = 1000  # tokens per step
 FPT = {3.0: 5_000, 30.0: 7_000}  # flops per token recorded by each run (differs on purpose)
 # eval rows (step, val_bpb) of the two completed runs, by softcap
 EVALS = {3.0: [(0, 3.5), (10, 2.9), (20, 2.6)], 30.0: [(0, 3.5), (10, 2.8), (20, 2.4)]}
@@ -30,10 +30,24 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def _make(root: Path, name: str, softcap: float, seed: int = 0, fpt: int | None = None) -> Run:
     run_dir = root / "train" / "2026-11-24" / name
-    job = JobInfo(stage="train", run_dir=str(run_dir), output_root=str(root), multirun=False, sweep_dir=None,
-                  job_num=None, override_dirname="", overrides=[f"model.softcap={softcap:g}"], choices={"model": "tiny"})
-    cfg = {"stage": "train", "run_name": "plot", "seed": seed, "model": {"depth": 2, "softcap": softcap},
-           "paths": {"run_dir": str(run_dir)}}
+    job = JobInfo(
+        stage="train",
+        run_dir=str(run_dir),
+        output_root=str(root),
+        multirun=False,
+        sweep_dir=None,
+        job_num=None,
+        override_dirname="",
+        overrides=[f"model.softcap={softcap:g}"],
+        choices={"model": "tiny"},
+    )
+    cfg = {
+        "stage": "train",
+        "run_name": "plot",
+        "seed": seed,
+        "model": {"depth": 2, "softcap": softcap},
+        "paths": {"run_dir": str(run_dir)},
+    }
     derived = {"total_batch_size": BATCH}
     if fpt is not None:
         derived["flops_per_token"] = fpt
@@ -90,8 +104,24 @@ def _by_label(series, metric="val_bpb"):
 def test_plot_tokens_png_and_data(runs_root, tmp_path, capsys):
     done = [runs_root / "train" / "2026-11-24" / n for n in ("sc3", "sc30")]
     out = tmp_path / "img" / "p.png"
-    assert main(["runs", "plot", *map(str, done), "--metric", "val_bpb", "--x", "tokens", "--out", str(out),
-                 "--size", "640x480"]) == 0
+    assert (
+        main(
+            [
+                "runs",
+                "plot",
+                *map(str, done),
+                "--metric",
+                "val_bpb",
+                "--x",
+                "tokens",
+                "--out",
+                str(out),
+                "--size",
+                "640x480",
+            ]
+        )
+        == 0
+    )
     assert png_size(out) == (640, 480)
     assert "2 curves of val_bpb from 2 runs" in capsys.readouterr().out
     series = plot_runs([load_run(d) for d in done], ["val_bpb"], "tokens", tmp_path / "q.png")
@@ -106,8 +136,11 @@ def test_plot_flops_time_step_smooth_logy(runs_root, tmp_path):
     series = plot_runs(done, ["val_bpb", "loss"], "flops", tmp_path / "f.png", logy=True, size=(800, 300))
     assert png_size(tmp_path / "f.png") == (800, 300)
     assert sorted((s.metric, s.label) for s in series) == [
-        ("loss", "model.softcap=3"), ("loss", "model.softcap=30"), ("val_bpb", "model.softcap=3"),
-        ("val_bpb", "model.softcap=30")]
+        ("loss", "model.softcap=3"),
+        ("loss", "model.softcap=30"),
+        ("val_bpb", "model.softcap=3"),
+        ("val_bpb", "model.softcap=30"),
+    ]
     v3 = _by_label(series)["model.softcap=3"]
     assert v3.x == (0.0, 10_000.0 * 5_000, 20_000.0 * 5_000)  # tokens x that run's flops/token
     loss30 = [s for s in plot_runs(done, ["loss"], "flops", tmp_path / "g.png") if s.label == "model.softcap=30"][0]
@@ -115,8 +148,9 @@ def test_plot_flops_time_step_smooth_logy(runs_root, tmp_path):
     # time: train_time_s; an eval row takes the last training time logged before it
     t = [s for s in plot_runs(done, ["val_bpb"], "time", tmp_path / "t.png") if s.label == "model.softcap=3"][0]
     assert t.x == (0.0, 5.0, 10.0) and t.y == (3.5, 2.9, 2.6)
-    st = [s for s in plot_runs(done, ["loss"], "step", tmp_path / "s.png", smooth_n=3)
-          if s.label == "model.softcap=3"][0]
+    st = [s for s in plot_runs(done, ["loss"], "step", tmp_path / "s.png", smooth_n=3) if s.label == "model.softcap=3"][
+        0
+    ]
     raw = [5.0 - 0.1 * k for k in range(1, 21)]
     assert st.x == tuple(float(k) for k in range(1, 21))
     assert st.y[0] == pytest.approx(raw[0]) and st.y[1] == pytest.approx((raw[0] + raw[1]) / 2)

@@ -22,15 +22,25 @@ def statuses(sweep: Path) -> list[str]:
 def test_retry_of_an_in_process_sweep(tmp_path):
     env = stage_env(tmp_path)
     warm, sweep = tmp_path / "warm", tmp_path / "sweep"
-    r = subprocess.run([sys.executable, "-m", "chatlm.train", "-m", *SMOKE, f"init_from=null,{warm}",
-                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", "-m", *SMOKE, f"init_from=null,{warm}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     assert statuses(sweep) == ["completed", "failed"]
     first, second = sorted(p for p in sweep.iterdir() if p.name[:1].isdigit())
 
     dry = subprocess.run([CHATLM, "runs", "retry", str(sweep), "--dry-run"], env=env, capture_output=True, text=True)
     assert dry.returncode == 0 and "2 points (1 completed, 1 failed)" in dry.stdout, dry.stdout + dry.stderr
-    assert "hydra.run.dir=" in dry.stdout and second.name in dry.stdout and dry.stdout.split("$", 1)[1].split().count("-m") == 1  # a single run, not a sweep
+    assert (
+        "hydra.run.dir=" in dry.stdout
+        and second.name in dry.stdout
+        and dry.stdout.split("$", 1)[1].split().count("-m") == 1
+    )  # a single run, not a sweep
     assert second.is_dir()  # a dry run moves nothing
 
     shutil.copytree(first, warm)

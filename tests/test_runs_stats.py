@@ -13,14 +13,17 @@ def _normal_two_sided(z: float) -> float:
     return math.erfc(abs(z) / math.sqrt(2.0))
 
 
-@pytest.mark.parametrize("t, df, p", [
-    (2.0, 10, 0.07338803477),   # tables: two-sided p of t=2 with 10 df
-    (1.0, 1, 0.5),              # Cauchy: P(|T| > 1) = 1/2 exactly
-    (0.0, 7, 1.0),
-    (2.228138852, 10, 0.05),    # the 97.5% quantile of t(10)
-    (12.7062047, 1, 0.05),      # the 97.5% quantile of t(1)
-    (4.604094871, 4, 0.01),     # the 99.5% quantile of t(4)
-])
+@pytest.mark.parametrize(
+    "t, df, p",
+    [
+        (2.0, 10, 0.07338803477),  # tables: two-sided p of t=2 with 10 df
+        (1.0, 1, 0.5),  # Cauchy: P(|T| > 1) = 1/2 exactly
+        (0.0, 7, 1.0),
+        (2.228138852, 10, 0.05),  # the 97.5% quantile of t(10)
+        (12.7062047, 1, 0.05),  # the 97.5% quantile of t(1)
+        (4.604094871, 4, 0.01),  # the 99.5% quantile of t(4)
+    ],
+)
 def test_two_sided_p_known_values(t, df, p):
     assert t_two_sided_p(t, df) == pytest.approx(p, rel=1e-7, abs=1e-12)
     assert t_two_sided_p(-t, df) == pytest.approx(p, rel=1e-7, abs=1e-12)
@@ -63,14 +66,14 @@ def test_welch_hand_computed():
     assert r.t == pytest.approx(-3 / math.sqrt(2.5), rel=1e-12)
     assert r.df == pytest.approx(6.25 / 1.0625, rel=1e-12)
     mpmath = pytest.importorskip("mpmath")
-    want = float(mpmath.betainc(r.df / 2, 0.5, 0, r.df / (r.df + r.t ** 2), regularized=True))
+    want = float(mpmath.betainc(r.df / 2, 0.5, 0, r.df / (r.df + r.t**2), regularized=True))
     assert r.p == pytest.approx(want, rel=1e-10)
     assert r.p == pytest.approx(0.1075312, abs=1e-6)
     # equal variances and sizes: Welch's df = 2(n-1), t as Student's pooled test
     r = welch_t_test([0.90, 0.92], [0.85, 0.87])  # both variances 0.0002 -> se^2 = 0.0002
     assert r.df == pytest.approx(2.0) and r.t == pytest.approx(0.05 / math.sqrt(0.0002), rel=1e-9)
     # t(2) has a closed-form tail: p = 1 - t / sqrt(2 + t^2)
-    assert r.p == pytest.approx(1 - r.t / math.sqrt(2 + r.t ** 2), rel=1e-9)
+    assert r.p == pytest.approx(1 - r.t / math.sqrt(2 + r.t**2), rel=1e-9)
 
 
 def test_welch_undefined_cases():

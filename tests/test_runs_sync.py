@@ -25,18 +25,33 @@ def wandb_env(home: Path, **extra: str) -> dict[str, str]:
     env = stage_env(home)
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
         env.pop(key, None)
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_ERROR_REPORTING="false", WANDB_DISABLE_GIT="true",
-               WANDB_DISABLE_CODE="true", WANDB_X_DISABLE_STATS="true", WANDB_CONFIG_DIR=str(home / "wb" / "config"),
-               WANDB_CACHE_DIR=str(home / "wb" / "cache"), WANDB_DATA_DIR=str(home / "wb" / "data"),
-               WANDB_ARTIFACT_DIR=str(home / "wb" / "artifacts"), NETRC=str(home / "wb" / "netrc"),
-               WANDB_BASE_URL=CLOSED_URL)
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_ERROR_REPORTING="false",
+        WANDB_DISABLE_GIT="true",
+        WANDB_DISABLE_CODE="true",
+        WANDB_X_DISABLE_STATS="true",
+        WANDB_CONFIG_DIR=str(home / "wb" / "config"),
+        WANDB_CACHE_DIR=str(home / "wb" / "cache"),
+        WANDB_DATA_DIR=str(home / "wb" / "data"),
+        WANDB_ARTIFACT_DIR=str(home / "wb" / "artifacts"),
+        NETRC=str(home / "wb" / "netrc"),
+        WANDB_BASE_URL=CLOSED_URL,
+    )
     env.update(extra)
     return env
 
 
 def chatlm(env: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "chatlm.cli", "runs", "sync", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=env["CHATLM_OUTPUT_ROOT"].rsplit("/", 1)[0])
+    return subprocess.run(
+        [sys.executable, "-m", "chatlm.cli", "runs", "sync", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=env["CHATLM_OUTPUT_ROOT"].rsplit("/", 1)[0],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +59,14 @@ def wandb_run(tmp_path_factory) -> tuple[Path, dict]:
     """A real 3-step tiny run with logger=wandb (offline)."""
     home = tmp_path_factory.mktemp("sync")
     env = wandb_env(home)
-    r = subprocess.run([sys.executable, "-m", "chatlm.train", "debug=smoke", "logger=wandb", "steps=3",
-                        "eval_tokens=1024"], cwd=home, env=env, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", "debug=smoke", "logger=wandb", "steps=3", "eval_tokens=1024"],
+        cwd=home,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (run_dir,) = run_dirs(home / "outputs", "train")
     return run_dir, env
@@ -56,7 +77,8 @@ def test_dry_run_lists_the_offline_run_and_its_steps(wandb_run):
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (offline_dir,) = [p for p in (run_dir / "wandb").iterdir() if p.name.startswith("offline-run-")]
     assert offline_dir.name.endswith(run_id)
-    steps = [json.loads(l)["step"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in rows if '"loss"' in line]
     assert steps == [1, 2, 3]
     r = chatlm(env, "--wandb", "--dry-run", str(run_dir))
     assert r.returncode == 0, r.stderr
@@ -73,7 +95,7 @@ def test_sync_without_network_says_so_in_one_line(wandb_run):
     run_dir, env = wandb_run
     r = chatlm(env, "--wandb", str(run_dir), "--timeout", "20")
     assert r.returncode == 0, r.stderr  # no network is not an error of the run: explained, nothing lost
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "Traceback" not in r.stderr
     assert err[0].startswith(f"chatlm runs sync: cannot reach {CLOSED_URL} (Connection refused); nothing uploaded.")
     assert f"chatlm runs sync --wandb {run_dir}" in err[0]
@@ -113,10 +135,11 @@ def test_real_wandb_sync_no_key_and_hang_are_explained(wandb_run, silent_server)
     r = chatlm({**env, "WANDB_BASE_URL": silent_server}, "--wandb", str(run_dir), "--timeout", "30")
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert "no W&B API key: run `wandb login` or set WANDB_API_KEY" in r.stderr
-    r = chatlm({**env, "WANDB_BASE_URL": silent_server, "WANDB_API_KEY": "a" * 40}, "--wandb", str(run_dir),
-               "--timeout", "4")
+    r = chatlm(
+        {**env, "WANDB_BASE_URL": silent_server, "WANDB_API_KEY": "a" * 40}, "--wandb", str(run_dir), "--timeout", "4"
+    )
     assert r.returncode == 0 and "Traceback" not in r.stderr
-    err = [l for l in r.stderr.splitlines() if l.strip()]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and "wandb sync did not finish within 4s" in err[0]
 
 
@@ -173,6 +196,8 @@ def test_without_the_wandb_package_it_says_how_to_sync_later(wandb_run, monkeypa
     assert main(["runs", "sync", "--wandb", str(run_dir)]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("not synced, 1 offline W&B run(s) stay in place:") and "wandb sync " in out
-    assert err.strip() == (f"chatlm runs sync: the wandb package is not installed (pip install 'chatlm[wandb]'); "
-                           f"nothing uploaded. Later: run `chatlm runs sync --wandb {run_dir}` again (or the "
-                           f"`wandb sync` commands above) where W&B can be reached")
+    assert err.strip() == (
+        f"chatlm runs sync: the wandb package is not installed (pip install 'chatlm[wandb]'); "
+        f"nothing uploaded. Later: run `chatlm runs sync --wandb {run_dir}` again (or the "
+        f"`wandb sync` commands above) where W&B can be reached"
+    )

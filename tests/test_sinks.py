@@ -63,11 +63,11 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:  # a block's tail too short for a record header is zero padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 2:  # FIRST
             pending = chunk
@@ -117,8 +117,9 @@ def test_wandb_offline_writes_history_summary_and_run_metadata(tmp_path, wandb_e
     run_dir.mkdir()
     (run_dir / "run.json").write_text(json.dumps({"stage": "train"}))
     config = {"model": {"depth": 4}, "run_name": "r1"}
-    sinks = open_sinks(wandb_cfg(project="p", tags=["smoke", "cpu"]), run_dir, config, "r1",
-                       group="sweep-0930", is_main=True)
+    sinks = open_sinks(
+        wandb_cfg(project="p", tags=["smoke", "cpu"]), run_dir, config, "r1", group="sweep-0930", is_main=True
+    )
     assert sinks.kind == "wandb" and sinks.enabled
     for step in (1, 2, 3):
         sinks.log({"train/loss": 4.0 - step, "train/lrm": 1.0, "note": "text", "skip": None}, step=step)
@@ -131,8 +132,11 @@ def test_wandb_offline_writes_history_summary_and_run_metadata(tmp_path, wandb_e
     assert run_id == sinks.run_id and len(run_id) == 8
     got = wandb_offline_run(run_dir, run_id)
     rows = got["history"]
-    assert [(r["_step"], r["train/loss"], r["train/lrm"]) for r in rows] == [(1, 3.0, 1.0), (2, 2.0, 1.0),
-                                                                            (3, 1.0, 1.0)]
+    assert [(r["_step"], r["train/loss"], r["train/lrm"]) for r in rows] == [
+        (1, 3.0, 1.0),
+        (2, 2.0, 1.0),
+        (3, 1.0, 1.0),
+    ]
     assert all("skip" not in r for r in rows)
     assert got["summary"]["val_bpb"] == 0.875 and got["summary"]["steps"] == 3
     run = got["run"]
@@ -152,7 +156,9 @@ def test_wandb_id_is_reused_by_the_next_attempt(tmp_path, wandb_env):
     assert first.run_id == second.run_id == (run_dir / "wandb_id.txt").read_text().strip()
     logs = sorted(glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{first.run_id}.wandb")))
     assert len(logs) == 2  # W&B ignores resume offline: one folder per attempt, the same run id
-    groups = {r.run.run_group for f in logs for r in read_wandb_records(Path(f)) if r.WhichOneof("record_type") == "run"}
+    groups = {
+        r.run.run_group for f in logs for r in read_wandb_records(Path(f)) if r.WhichOneof("record_type") == "run"
+    }
     assert groups == {"from-config"}
 
 
@@ -230,8 +236,9 @@ def test_tensorboard_writes_scalars_only(tmp_path):
     sinks = open_sinks(cfg, tmp_path, {"model": {"depth": 4}}, "r", None, is_main=True)
     assert sinks.kind == "tensorboard"
     for step in (1, 2, 3):
-        sinks.log({"train/loss": 0.5 * step, "train/mfu": None, "note": "text", "ok": True,
-                   "nested": {"a": step}}, step=step)
+        sinks.log(
+            {"train/loss": 0.5 * step, "train/mfu": None, "note": "text", "ok": True, "nested": {"a": step}}, step=step
+        )
     sinks.summary({"val_bpb": 0.75, "label": "x"})
     sinks.close()
     sinks.close()
@@ -248,8 +255,7 @@ def test_tensorboard_resume_step_purges_the_previous_attempts_tail(tmp_path):
     for step in range(1, 6):
         first.log({"loss": float(step)}, step=step)
     first.close()
-    second = open_sinks(LoggerConfig(kind=LoggerKind.tensorboard), tmp_path, {}, "r", None, is_main=True,
-                        resume_step=3)
+    second = open_sinks(LoggerConfig(kind=LoggerKind.tensorboard), tmp_path, {}, "r", None, is_main=True, resume_step=3)
     for step in (3, 4):
         second.log({"loss": 10.0 * step}, step=step)
     second.close()

@@ -26,8 +26,14 @@ def cache(tmp_path_factory):
     """A cache with the smoke tokenizer already trained (jobs must not race to train it)."""
     root = tmp_path_factory.mktemp("slurm_cache")
     env = stage_env(root, CHATLM_CACHE_DIR=str(root / "cache"))
-    p = subprocess.run([sys.executable, "-m", "chatlm.train", *SMOKE, "steps=1"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", *SMOKE, "steps=1"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return root / "cache"
 
@@ -38,12 +44,20 @@ def env(tmp_path, cache):
 
 
 def chatlm(stage, *args, cwd, env, timeout=400):
-    return subprocess.run([sys.executable, "-m", f"chatlm.{stage}", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", f"chatlm.{stage}", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def job_dirs(sweep: Path) -> list[Path]:
-    return sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0]))
+    return sorted(
+        (p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: int(p.name.split("_")[0])
+    )
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -54,8 +68,14 @@ def start_sweep_until_step(args: list[str], sweep: Path, step: int, *, cwd, env)
     """Start `python -m chatlm.train ARGS` in the background; return once its first point logged `step`."""
     import time
 
-    p = subprocess.Popen([sys.executable, "-m", "chatlm.train", *args, f"hydra.sweep.dir={sweep}"], cwd=cwd, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "chatlm.train", *args, f"hydra.sweep.dir={sweep}"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 180
     while time.time() < deadline:
         dirs = job_dirs(sweep) if sweep.is_dir() else []
@@ -121,8 +141,18 @@ def test_time_limit_requeues_and_resumes_to_the_same_loss(slurm_cluster, tmp_pat
     t = threading.Thread(target=run_reference)
     t.start()
     sweep = tmp_path / "sweep"
-    r = chatlm("train", *args, "cluster=slurm_cpu", "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=20",
-               "hydra.launcher.max_num_timeout=6", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env, timeout=900)
+    r = chatlm(
+        "train",
+        *args,
+        "cluster=slurm_cpu",
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.signal_delay_s=20",
+        "hydra.launcher.max_num_timeout=6",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
     t.join()
     assert r.returncode == 0, r.stderr[-4000:]
     assert reference["p"].returncode == 0, reference["p"].stderr[-3000:]
@@ -143,8 +173,15 @@ def test_time_limit_requeues_and_resumes_to_the_same_loss(slurm_cluster, tmp_pat
 def test_failed_point_is_reported_and_retry_resubmits_only_it(slurm_cluster, tmp_path, env):
     warm = tmp_path / "warm"  # point 1 starts from this checkpoint, which does not exist yet
     sweep = tmp_path / "sweep"
-    r = chatlm("train", *SMOKE, "cluster=slurm_cpu", f"init_from=null,{warm}", f"hydra.sweep.dir={sweep}",
-               cwd=tmp_path, env=env)
+    r = chatlm(
+        "train",
+        *SMOKE,
+        "cluster=slurm_cpu",
+        f"init_from=null,{warm}",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 1 and "1 of 2 sweep jobs did not complete" in r.stderr, r.stderr[-3000:]
     rows = summary_rows(sweep)
     assert [row["status"] for row in rows] == ["completed", "failed"]
@@ -154,8 +191,14 @@ def test_failed_point_is_reported_and_retry_resubmits_only_it(slurm_cluster, tmp
     done_record = (done_dir / "run.json").read_text()
 
     shutil.copytree(done_dir, warm)  # fix the cause: the checkpoint now exists
-    out = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "retry", str(sweep)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=400)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "chatlm"), "runs", "retry", str(sweep)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "#1 failed" in out.stdout and "#0" not in out.stdout.split("$")[0].split("points")[1]
     assert "hydra.launcher.only_jobs=[1]" in out.stdout
@@ -198,10 +241,25 @@ def test_plain_sbatch_example_runs_two_ranks(slurm_cluster, tmp_path, env):
     """launch/slurm/train_h100.sbatch, shrunk to 2 CPU tasks on the test cluster's fake GPUs."""
     run_dir = tmp_path / "run"
     job_env = {**env, "RUN_DIR": str(run_dir), "CHATLM_HARDWARE": "cpu2", "CHATLM_PYTHON": sys.executable}
-    r = subprocess.run(["sbatch", "--wait", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=5",
-                        f"--output={tmp_path}/slurm-%j.out", str(REPO / "launch" / "slurm" / "train_h100.sbatch"),
-                        *SMOKE, "total_batch_size=1024"], cwd=tmp_path, env=job_env, capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--ntasks-per-node=2",
+            "--gpus-per-node=2",
+            "--cpus-per-task=1",
+            "--time=5",
+            f"--output={tmp_path}/slurm-%j.out",
+            str(REPO / "launch" / "slurm" / "train_h100.sbatch"),
+            *SMOKE,
+            "total_batch_size=1024",
+        ],
+        cwd=tmp_path,
+        env=job_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
     assert r.returncode == 0, r.stderr + log[-3000:]
     rec = load_record(run_dir)
@@ -226,8 +284,14 @@ def test_cancelled_job_keeps_its_checkpoint_and_retry_resume_finishes_it(slurm_c
 
     reference = chatlm("train", *args, f"hydra.run.dir={tmp_path / 'ref'}", cwd=tmp_path, env=env)
     assert reference.returncode == 0, reference.stderr[-3000:]
-    r = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "retry", "--resume", str(sweep)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "chatlm"), "runs", "retry", "--resume", str(sweep)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "#0 preempted resume" in r.stdout
     rec = load_record(d)
@@ -244,8 +308,9 @@ def test_show_names_the_job_its_logs_and_the_users_command(slurm_cluster, tmp_pa
     rec = load_record(d)
     assert rec["argv"][-5:] == [*SMOKE, "cluster=slurm_cpu", "steps=2", f"hydra.sweep.dir={sweep}"]
     assert rec["argv"][1:3] == ["-m", "chatlm.train"]  # what the user typed, not submitit's job command
-    show = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "show", str(d)], env=env,
-                          capture_output=True, text=True)
+    show = subprocess.run(
+        [str(Path(sys.executable).parent / "chatlm"), "runs", "show", str(d)], env=env, capture_output=True, text=True
+    )
     job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
     assert f"job          {job['job_id']} (slurm)" in show.stdout and job["stdout"] in show.stdout
     assert f"slurm job {rec['slurm']['job_id']} restart 0" in show.stdout
@@ -258,8 +323,16 @@ def test_submit_without_waiting_then_summarize(slurm_cluster, tmp_path, env):
 
     sweep = tmp_path / "sweep"
     t0 = time.time()
-    r = chatlm("train", *SMOKE, "cluster=slurm_cpu", "hydra.launcher.wait=false", "seed=1,2",
-               f"hydra.sweep.dir={sweep}", cwd=tmp_path, env=env)
+    r = chatlm(
+        "train",
+        *SMOKE,
+        "cluster=slurm_cpu",
+        "hydra.launcher.wait=false",
+        "seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "not waiting" in r.stderr + r.stdout and "chatlm runs summarize" in r.stderr + r.stdout
     assert not (sweep / "summary.md").exists()  # nothing to summarize yet
@@ -267,13 +340,20 @@ def test_submit_without_waiting_then_summarize(slurm_cluster, tmp_path, env):
     assert len(jobs) == 2 and all(j["job_id"] for j in jobs)
     deadline = t0 + 240
     while time.time() < deadline:
-        states = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(j["job_id"] for j in jobs)],
-                                capture_output=True, text=True).stdout.split()
+        states = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "State", "-j", ",".join(j["job_id"] for j in jobs)],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         if len(states) == 2 and all(s == "COMPLETED" for s in states):
             break
         time.sleep(1)
-    s = subprocess.run([str(Path(sys.executable).parent / "chatlm"), "runs", "summarize", str(sweep)], env=env,
-                       capture_output=True, text=True)
+    s = subprocess.run(
+        [str(Path(sys.executable).parent / "chatlm"), "runs", "summarize", str(sweep)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert s.returncode == 0, s.stderr
     assert [row["status"] for row in summary_rows(sweep)] == ["completed", "completed"]
 
@@ -282,8 +362,9 @@ def test_job_killed_outright_is_closed_as_failed_by_the_launcher(slurm_cluster, 
     """SIGKILL (an OOM kill, a dead node): the job cannot close its own record; the launcher does,
     naming the job's log, and the sweep still ends with a summary."""
     sweep = tmp_path / "sweep"
-    p = start_sweep_until_step([*SMOKE, "total_batch_size=4096", "steps=40", "cluster=slurm_cpu"], sweep, 2,
-                               cwd=tmp_path, env=env)
+    p = start_sweep_until_step(
+        [*SMOKE, "total_batch_size=4096", "steps=40", "cluster=slurm_cpu"], sweep, 2, cwd=tmp_path, env=env
+    )
     job = json.loads((sweep / "sweep.json").read_text())["jobs"][0]
     # kill -9 the rank process itself, as the kernel's OOM killer would (Slurm's own scancel sends SIGTERM first)
     killed = subprocess.run(["pkill", "-KILL", "-f", f"submitit.core._submit {sweep}"], capture_output=True)

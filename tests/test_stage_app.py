@@ -17,7 +17,9 @@ def test_single_run_directory_contract(tmp_path, run_stage):
     r = run_stage("check", "matmul_size=32", "tags=[a,b]")
     assert r.returncode == 0, r.stderr
     (d,) = run_dirs(tmp_path / "outputs", "check")
-    assert re.fullmatch(r"\d{2}-\d{2}-\d{2}-[0-9a-f]{4}_check", d.name) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", d.parent.name)
+    assert re.fullmatch(r"\d{2}-\d{2}-\d{2}-[0-9a-f]{4}_check", d.name) and re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}", d.parent.name
+    )
     assert (tmp_path / "outputs" / "check" / "latest").resolve() == d.resolve()
     rec = load_record(d)
     assert rec["status"] == "completed" and rec["stage"] == "check" and rec["run_name"] == "check"
@@ -46,8 +48,13 @@ def test_failed_run_exits_nonzero_and_records_failed(tmp_path, run_stage):
 
 def test_sigterm_closes_the_record(tmp_path):
     env = stage_env(tmp_path)
-    p = subprocess.Popen([sys.executable, "-m", "chatlm.check", "sleep_s=60"], cwd=tmp_path, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "chatlm.check", "sleep_s=60"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "outputs" / "check").glob("*/*/metrics.jsonl")):
         time.sleep(0.2)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -90,9 +90,10 @@ def check_golden(step_losses: list[float], val_bpb: float) -> None:
     machine, last-bit differences across CPUs/BLAS builds). After an intended change, regenerate with
     CHATLM_UPDATE_GOLDEN=1 pytest tests/test_train.py -k golden, and say why in the commit."""
     if os.environ.get("CHATLM_UPDATE_GOLDEN"):
-        command = " ".join([*(f"{k}={v}" for k, v in PORTABLE_CPU.items()), "python -m chatlm.train", *SMOKE, *GOLDEN_ARGS])
-        GOLDEN.write_text(json.dumps({"command": command,
-                                      "losses": step_losses, "val_bpb": val_bpb}, indent=2) + "\n")
+        command = " ".join(
+            [*(f"{k}={v}" for k, v in PORTABLE_CPU.items()), "python -m chatlm.train", *SMOKE, *GOLDEN_ARGS]
+        )
+        GOLDEN.write_text(json.dumps({"command": command, "losses": step_losses, "val_bpb": val_bpb}, indent=2) + "\n")
     golden = json.loads(GOLDEN.read_text())
     assert len(golden["losses"]) == len(step_losses)
     for step, (want, got) in enumerate(zip(golden["losses"], step_losses), 1):
@@ -124,8 +125,14 @@ def _wait_for_step(run_dir: Path, step: int, proc, timeout: float = 240) -> None
 
 
 def _popen(env, tmp_path, *args):
-    return subprocess.Popen([sys.executable, "-m", "chatlm.train", *SMOKE, *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "chatlm.train", *SMOKE, *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, run_stage, env):
@@ -168,8 +175,9 @@ def test_two_ranks_train_and_resume_on_one(tmp_path, run_stage, env):
     assert rec["world_size"] == 2 and rec["status"] == "completed" and len(rec["attempts"]) == 1
     assert sorted(p.name for p in (tmp_path / "two" / "logs").iterdir()) == ["rank0.log", "rank1.log"]
     # the 2-rank checkpoint continues on 1 rank (hardware is not part of the config hash)
-    more = train(run_stage, env, "hardware=cpu", "total_batch_size=1024", "steps=6", "stop_at_step=-1",
-                 f"resume={tmp_path}/two")
+    more = train(
+        run_stage, env, "hardware=cpu", "total_batch_size=1024", "steps=6", "stop_at_step=-1", f"resume={tmp_path}/two"
+    )
     assert more.returncode == 0, more.stderr[-3000:]
     (d,) = run_dirs(tmp_path / "outputs", "train")
     log = (d / "logs" / "rank0.log").read_text()
@@ -203,15 +211,27 @@ def test_deterministic_gpu_runs_repeat_bitwise(tmp_path, run_stage, env):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    args = ["hardware=auto", "precision=auto", "model=d4", "steps=12", "total_batch_size=16384", "hardware.device_batch_size=8",
-            "model.sequence_len=1024", "optim.reference_batch_tokens=16384", "hardware.deterministic=true"]
+    args = [
+        "hardware=auto",
+        "precision=auto",
+        "model=d4",
+        "steps=12",
+        "total_batch_size=16384",
+        "hardware.device_batch_size=8",
+        "model.sequence_len=1024",
+        "optim.reference_batch_tokens=16384",
+        "hardware.deterministic=true",
+    ]
     runs = []
     for name in ("a", "b"):
         r = train(run_stage, env, *args, f"hydra.run.dir={tmp_path}/{name}", timeout=900)
         assert r.returncode == 0, r.stderr[-3000:]
         runs.append(losses(tmp_path / name))
     assert len(runs[0]) == 12 and runs[0] == runs[1]
-    assert load_record(tmp_path / "a")["final_metrics"]["val_bpb"] == load_record(tmp_path / "b")["final_metrics"]["val_bpb"]
+    assert (
+        load_record(tmp_path / "a")["final_metrics"]["val_bpb"]
+        == load_record(tmp_path / "b")["final_metrics"]["val_bpb"]
+    )
 
 
 def test_bad_input(tmp_path, run_stage, env):
@@ -223,8 +243,16 @@ def test_bad_input(tmp_path, run_stage, env):
 
 def test_non_finite_loss_stops_with_the_last_good_weights(tmp_path, run_stage, env):
     # no softcap and an absurd lm_head LR: the logits overflow within two steps
-    r = train(run_stage, env, "steps=6", "save_every=1", "model.softcap=0", "optim.unembedding_lr=1e30",
-              "optim.reference_batch_tokens=512", "schedule.warmup_steps=0")
+    r = train(
+        run_stage,
+        env,
+        "steps=6",
+        "save_every=1",
+        "model.softcap=0",
+        "optim.unembedding_lr=1e30",
+        "optim.reference_batch_tokens=512",
+        "schedule.warmup_steps=0",
+    )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     # caught either as a nan loss or, earlier, as inf/nan weights when checkpointing after the update
     assert "loss is nan at step" in r.stderr or "weights hold inf/nan at step" in r.stderr
@@ -261,8 +289,9 @@ def test_init_from_refuses_another_architecture(tmp_path, run_stage, env):
 
 
 def test_debug_overfit_memorizes_one_batch(tmp_path, run_stage, env):
-    r = run_stage("train", "debug=overfit", "eval_tokens=1024", f"hydra.run.dir={tmp_path / 'of'}", env=env,
-                  timeout=300)
+    r = run_stage(
+        "train", "debug=overfit", "eval_tokens=1024", f"hydra.run.dir={tmp_path / 'of'}", env=env, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     loss = losses(tmp_path / "of")
     assert abs(loss[1] - math.log(8192)) < 0.05
@@ -271,10 +300,26 @@ def test_debug_overfit_memorizes_one_batch(tmp_path, run_stage, env):
 
 
 def test_debug_profile_writes_a_trace_of_the_chosen_steps(tmp_path, run_stage, env):
-    tiny = ["model=tiny", "hardware=cpu", "precision=fp32", "tokenizer=bpe8k", "auto_tokenizer=true",
-            "total_batch_size=512", "eval_tokens=1024"]
-    r = run_stage("train", "debug=profile", *tiny, "steps=4", "profile_start=1", "profile_steps=2",
-                  f"hydra.run.dir={tmp_path / 'p'}", env=env, timeout=300)
+    tiny = [
+        "model=tiny",
+        "hardware=cpu",
+        "precision=fp32",
+        "tokenizer=bpe8k",
+        "auto_tokenizer=true",
+        "total_batch_size=512",
+        "eval_tokens=1024",
+    ]
+    r = run_stage(
+        "train",
+        "debug=profile",
+        *tiny,
+        "steps=4",
+        "profile_start=1",
+        "profile_steps=2",
+        f"hydra.run.dir={tmp_path / 'p'}",
+        env=env,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     trace = json.loads((tmp_path / "p" / "profile" / "trace_rank0.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}

@@ -9,8 +9,12 @@ from chatlm.train import due, plan_run
 
 
 def cfg_for(depth: int, ratio: float = 12.0, device_batch: int = 32, **kw) -> TrainConfig:
-    return TrainConfig(model=ModelConfig(name=f"d{depth}", depth=depth), target_param_data_ratio=ratio,
-                       hardware=HardwareConfig(device_batch_size=device_batch), **kw)
+    return TrainConfig(
+        model=ModelConfig(name=f"d{depth}", depth=depth),
+        target_param_data_ratio=ratio,
+        hardware=HardwareConfig(device_batch_size=device_batch),
+        **kw,
+    )
 
 
 def test_d24_speedrun_plan():
@@ -18,7 +22,7 @@ def test_d24_speedrun_plan():
     assert (p.n_embd, p.n_head, p.n_layer) == (1536, 12, 24)
     assert p.params["total"] == 1_384_122_122 and p.scaling_params == 729_810_624
     assert p.total_batch_size == 1_048_576 and p.grad_accum == 4 and p.num_iterations == 5568
-    assert p.batch_lr_scale == pytest.approx(2 ** 0.5)
+    assert p.batch_lr_scale == pytest.approx(2**0.5)
     assert p.total_flops == pytest.approx(2.79e19, rel=0.01)
     assert p.windows.count(512) == 18 and p.windows[-1] == 2048
 

@@ -38,15 +38,22 @@ def main(folder: str) -> None:
             continue
         diffs = [abs(la[s] - lb[s]) for s in steps]
         tail = steps[-20:]
-        res = {"a": a, "b": b, "steps": len(steps), "max_abs_loss_diff": max(diffs),
-               "mean_abs_loss_diff": sum(diffs) / len(diffs),
-               "last20_mean_loss": [sum(la[s] for s in tail) / len(tail), sum(lb[s] for s in tail) / len(tail)],
-               "val_bpb": {s: [ba[s], bb[s]] for s in sorted(set(ba) & set(bb))}}
+        res = {
+            "a": a,
+            "b": b,
+            "steps": len(steps),
+            "max_abs_loss_diff": max(diffs),
+            "mean_abs_loss_diff": sum(diffs) / len(diffs),
+            "last20_mean_loss": [sum(la[s] for s in tail) / len(tail), sum(lb[s] for s in tail) / len(tail)],
+            "val_bpb": {s: [ba[s], bb[s]] for s in sorted(set(ba) & set(bb))},
+        }
         results.append(res)
-        print(f"{a} vs {b}: {len(steps)} steps | max |dloss| {res['max_abs_loss_diff']:.4f} | mean |dloss| "
-              f"{res['mean_abs_loss_diff']:.4f} | last-20 mean loss {res['last20_mean_loss'][0]:.4f} vs "
-              f"{res['last20_mean_loss'][1]:.4f} | val bpb " +
-              ", ".join(f"@{s}: {x:.4f}/{y:.4f}" for s, (x, y) in res["val_bpb"].items()))
+        print(
+            f"{a} vs {b}: {len(steps)} steps | max |dloss| {res['max_abs_loss_diff']:.4f} | mean |dloss| "
+            f"{res['mean_abs_loss_diff']:.4f} | last-20 mean loss {res['last20_mean_loss'][0]:.4f} vs "
+            f"{res['last20_mean_loss'][1]:.4f} | val bpb "
+            + ", ".join(f"@{s}: {x:.4f}/{y:.4f}" for s, (x, y) in res["val_bpb"].items())
+        )
     (Path(folder) / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

@@ -27,7 +27,9 @@ def compare(drill: Path, reference: Path, stop: int) -> dict:
         diffs = [abs(loss[s] - ref_loss[s]) for s in steps]
         out[f"max_abs_dloss_{name}"] = max(diffs) if diffs else None
         out[f"steps_{name}"] = len(diffs)
-    out["first_steps_after"] = {s: loss[s] - ref_loss[s] for s in range(stop + 1, stop + 4) if s in loss and s in ref_loss}
+    out["first_steps_after"] = {
+        s: loss[s] - ref_loss[s] for s in range(stop + 1, stop + 4) if s in loss and s in ref_loss
+    }
     out["val_bpb"] = {s: (bpb[s], ref_bpb[s]) for s in sorted(bpb) if s in ref_bpb}
     return out
 
@@ -51,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         c = compare(args.metrics, args.reference, args.stop)
         for name in ("before", "after"):
             m = c[f"max_abs_dloss_{name}"]
-            print(f"max |loss - reference| {name} the resume: " + ("n/a" if m is None else f"{m:.4f}")
-                  + f" over {c[f'steps_{name}']} steps")
+            print(
+                f"max |loss - reference| {name} the resume: "
+                + ("n/a" if m is None else f"{m:.4f}")
+                + f" over {c[f'steps_{name}']} steps"
+            )
         print("loss - reference right after the resume:", {s: round(d, 4) for s, d in c["first_steps_after"].items()})
         print("val bpb (drill, reference):", {s: (round(a, 4), round(b, 4)) for s, (a, b) in c["val_bpb"].items()})
         if args.json:

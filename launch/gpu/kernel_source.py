@@ -49,7 +49,7 @@ def definition(text: str, name: str) -> str | None:
     head = text.rfind("\n\n", 0, start)
     end = text.find("''', device_str=", start)
     end = text.find("\n", end) if end >= 0 else start + 20000
-    return text[head + 2 if head >= 0 else start:end]
+    return text[head + 2 if head >= 0 else start : end]
 
 
 def call_sites(text: str, name: str, context: int = 10) -> list[str]:
@@ -57,7 +57,7 @@ def call_sites(text: str, name: str, context: int = 10) -> list[str]:
     sites = []
     for i, line in enumerate(lines):
         if re.search(rf"\b{re.escape(name)}\.run\(", line):
-            sites.append("\n".join(lines[max(0, i - context):i + 1]))
+            sites.append("\n".join(lines[max(0, i - context) : i + 1]))
     return sites
 
 
@@ -66,14 +66,19 @@ def main() -> None:
     ap.add_argument("tsv", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--cache", type=Path,
-                    default=Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{os.environ.get('USER', 'root')}")))
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", f"/tmp/torchinductor_{os.environ.get('USER', 'root')}")),
+    )
     args = ap.parse_args()
     mods = graph_modules(args.cache)
     parts = [f"# {len(mods)} compiled graph modules under {args.cache}\n"]
     for name, ms, calls, copies in slowest_triton(args.tsv, args.top):
-        parts.append(f"\n{'=' * 100}\n# {name} and {copies - 1} numbered copies: {ms:.3f} ms/step in "
-                     f"{calls:g} calls/step ({ms / max(calls, 1):.3f} ms per call)\n")
+        parts.append(
+            f"\n{'=' * 100}\n# {name} and {copies - 1} numbered copies: {ms:.3f} ms/step in "
+            f"{calls:g} calls/step ({ms / max(calls, 1):.3f} ms per call)\n"
+        )
         found = False
         for path, text in mods:
             src = definition(text, name)

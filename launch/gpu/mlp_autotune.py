@@ -45,7 +45,7 @@ def run_shape(model: str, C: int, B: int) -> dict:
     torch.manual_seed(0)
     mlp = MLP(C, device=dev)
     for p in mlp.parameters():
-        torch.nn.init.normal_(p, std=C ** -0.5)
+        torch.nn.init.normal_(p, std=C**-0.5)
     x0 = torch.randn(B, 2048, C, device=dev, dtype=torch.bfloat16)
     dy = torch.randn_like(x0)
     result: dict = {"model": model, "channels": C, "tokens": B * 2048, "settings": {}}
@@ -74,12 +74,18 @@ def run_shape(model: str, C: int, B: int) -> dict:
         diffs = [(a - b).abs().max().item() for a, b in zip(outs, reference)]
         scale = [b.abs().max().item() for b in reference]
         ms = 1000 * median(time_calls(step, 20, 5, dev))
-        entry = {"compile_s": round(compile_s, 1), "ms": round(ms, 3),
-                 "max_rel_diff_vs_default": max(d / s for d, s in zip(diffs, scale)),
-                 "kernels": top_kernels(step)}
+        entry = {
+            "compile_s": round(compile_s, 1),
+            "ms": round(ms, 3),
+            "max_rel_diff_vs_default": max(d / s for d, s in zip(diffs, scale)),
+            "kernels": top_kernels(step),
+        }
         result["settings"][name] = entry
-        print(f"{model} {name:9s} compile {compile_s:6.1f} s  fwd+bwd {ms:8.3f} ms  "
-              f"max rel diff {entry['max_rel_diff_vs_default']:.2e}", flush=True)
+        print(
+            f"{model} {name:9s} compile {compile_s:6.1f} s  fwd+bwd {ms:8.3f} ms  "
+            f"max rel diff {entry['max_rel_diff_vs_default']:.2e}",
+            flush=True,
+        )
         for k in entry["kernels"]:
             print(f"    {k['ms']:8.3f} ms  x{k['calls']}  {k['kernel']}", flush=True)
     return result

@@ -41,7 +41,7 @@ def fused(x, wq, wk, wv):
 
 def run_shape(model: str, C: int, B: int) -> dict:
     torch.manual_seed(0)
-    ws = [torch.nn.Parameter(torch.randn(C, C, device=dev) * C ** -0.5) for _ in range(3)]
+    ws = [torch.nn.Parameter(torch.randn(C, C, device=dev) * C**-0.5) for _ in range(3)]
     x = torch.randn(B, 2048, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
     gys = [torch.randn(B, 2048, C, device=dev, dtype=torch.bfloat16) for _ in range(3)]
     result: dict = {"model": model, "channels": C, "tokens": B * 2048, "variants": {}}
@@ -66,16 +66,23 @@ def run_shape(model: str, C: int, B: int) -> dict:
         for k in result["variants"][name]["kernels"]:
             print(f"    {k['ms']:7.3f} ms  x{k['calls']}  {k['kernel']}", flush=True)
     names = ["q", "k", "v", "dx", "dwq", "dwk", "dwv"]
-    result["max_rel_diff"] = {n: (a - b).abs().max().item() / b.abs().max().item()
-                              for n, a, b in zip(names, outs["fused"], outs["separate"])}
-    print(f"{model} fused vs separate, max |diff| / max |value|:",
-          {k: f"{v:.1e}" for k, v in result["max_rel_diff"].items()}, flush=True)
+    result["max_rel_diff"] = {
+        n: (a - b).abs().max().item() / b.abs().max().item() for n, a, b in zip(names, outs["fused"], outs["separate"])
+    }
+    print(
+        f"{model} fused vs separate, max |diff| / max |value|:",
+        {k: f"{v:.1e}" for k, v in result["max_rel_diff"].items()},
+        flush=True,
+    )
     return result
 
 
 def main() -> None:
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "shapes": [run_shape(*s) for s in SHAPES]}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "shapes": [run_shape(*s) for s in SHAPES],
+    }
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(out, f, indent=1)

@@ -16,8 +16,14 @@ from pathlib import Path
 
 def config_key(r: dict) -> tuple:
     """What must match for two results to be one configuration at different GPU counts."""
-    return (r["model"], r["dtype"] + ("+fp8" if r["fp8"] else ""), r["attention_backend"],
-            r["device_batch_size"], r["tokens_per_step"], r.get("device_name", ""))
+    return (
+        r["model"],
+        r["dtype"] + ("+fp8" if r["fp8"] else ""),
+        r["attention_backend"],
+        r["device_batch_size"],
+        r["tokens_per_step"],
+        r.get("device_name", ""),
+    )
 
 
 def scaling_table(results: list[dict]) -> list[dict]:
@@ -33,10 +39,21 @@ def scaling_table(results: list[dict]) -> list[dict]:
         base = by_n.get(1)
         for n in sorted(by_n):
             tps = float(by_n[n]["tok_per_s"])
-            rows.append({"model": key[0], "precision": key[1], "attention": key[2], "device_batch_size": key[3],
-                         "tokens_per_step": key[4], "device_name": key[5], "gpus": n, "tok_per_s": tps,
-                         "tok_per_s_per_gpu": tps / n, "median_step_s": by_n[n]["median_step_s"],
-                         "efficiency": tps / (n * float(base["tok_per_s"])) if base else None})
+            rows.append(
+                {
+                    "model": key[0],
+                    "precision": key[1],
+                    "attention": key[2],
+                    "device_batch_size": key[3],
+                    "tokens_per_step": key[4],
+                    "device_name": key[5],
+                    "gpus": n,
+                    "tok_per_s": tps,
+                    "tok_per_s_per_gpu": tps / n,
+                    "median_step_s": by_n[n]["median_step_s"],
+                    "efficiency": tps / (n * float(base["tok_per_s"])) if base else None,
+                }
+            )
     return rows
 
 
@@ -48,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = scaling_table([json.loads(f.read_text()) for f in args.files])
     for row in rows:
         eff = "n/a (no 1-GPU run)" if row["efficiency"] is None else f"{row['efficiency']:.3f}"
-        print(f"{row['model']} {row['precision']} {row['attention']} B={row['device_batch_size']}: "
-              f"{row['gpus']} GPU(s) {row['tok_per_s']:,.0f} tok/s ({row['tok_per_s_per_gpu']:,.0f} per GPU, "
-              f"{1000 * row['median_step_s']:.1f} ms/step), scaling efficiency {eff}")
+        print(
+            f"{row['model']} {row['precision']} {row['attention']} B={row['device_batch_size']}: "
+            f"{row['gpus']} GPU(s) {row['tok_per_s']:,.0f} tok/s ({row['tok_per_s_per_gpu']:,.0f} per GPU, "
+            f"{1000 * row['median_step_s']:.1f} ms/step), scaling efficiency {eff}"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0 if rows else 1

@@ -32,17 +32,21 @@ ga = torch.empty_like(logits[:rows])
 la = softcap_ce_rows_torch(logits[:rows], targets[:rows], CAP, V, ga)
 gb = torch.empty_like(logits[:rows])
 lb = softcap_ce_rows_triton(logits[:rows], targets[:rows], CAP, V, gb)
-out["check"] = {"max_loss_diff": (la - lb).abs().max().item(),
-                "max_grad_diff": (ga.float() - gb.float()).abs().max().item(),
-                "max_grad": ga.float().abs().max().item()}
+out["check"] = {
+    "max_loss_diff": (la - lb).abs().max().item(),
+    "max_grad_diff": (ga.float() - gb.float()).abs().max().item(),
+    "max_grad": ga.float().abs().max().item(),
+}
 print("check", out["check"])
 gf = torch.empty_like(logits[:rows])
 lf = softcap_ce_rows_triton(logits[:rows], targets[:rows], CAP, V, gf, fast_tanh=True)
-out["check_fast_tanh"] = {"max_loss_diff": (la - lf).abs().max().item(),
-                          "mean_loss_diff": (la - lf).mean().item(),
-                          "max_grad_diff": (ga.float() - gf.float()).abs().max().item(),
-                          "grad_rel_l2": ((ga.float() - gf.float()).norm() / ga.float().norm()).item(),
-                          "bf16_grad_rel_l2_of_exact": ((ga.float() - gb.float()).norm() / ga.float().norm()).item()}
+out["check_fast_tanh"] = {
+    "max_loss_diff": (la - lf).abs().max().item(),
+    "mean_loss_diff": (la - lf).mean().item(),
+    "max_grad_diff": (ga.float() - gf.float()).abs().max().item(),
+    "grad_rel_l2": ((ga.float() - gf.float()).norm() / ga.float().norm()).item(),
+    "bf16_grad_rel_l2_of_exact": ((ga.float() - gb.float()).norm() / ga.float().norm()).item(),
+}
 print("check fast tanh", out["check_fast_tanh"])
 del gf
 del ga, gb
@@ -50,17 +54,29 @@ del ga, gb
 grad = torch.empty_like(logits)
 bytes_moved = 2 * logits.numel() * logits.element_size()
 shapes = []
-for block, warps, fast in [(b, w, False) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)] + \
-        [(b, w, True) for b in (1024, 2048, 4096) for w in (4, 8)]:
+for block, warps, fast in [(b, w, False) for b in (1024, 2048, 4096, 8192) for w in (4, 8, 16)] + [
+    (b, w, True) for b in (1024, 2048, 4096) for w in (4, 8)
+]:
     if True:
         try:
-            t = median(time_calls(lambda: softcap_ce_rows_triton(logits, targets, CAP, V, grad, block, warps, fast), 20, 5, dev))
+            t = median(
+                time_calls(
+                    lambda: softcap_ce_rows_triton(logits, targets, CAP, V, grad, block, warps, fast), 20, 5, dev
+                )
+            )
         except Exception as e:  # e.g. out of shared memory/registers for a shape
-            shapes.append({"block": block, "num_warps": warps, "fast_tanh": fast, "error": str(e).splitlines()[0][:200]})
+            shapes.append(
+                {"block": block, "num_warps": warps, "fast_tanh": fast, "error": str(e).splitlines()[0][:200]}
+            )
             continue
-        shapes.append({"block": block, "num_warps": warps, "fast_tanh": fast, "ms": 1000 * t,
-                       "gb_s": bytes_moved / t / 1e9})
-        print(f"block {block:5d} warps {warps:2d} fast_tanh {fast:d}: {1000 * t:.3f} ms  {bytes_moved / t / 1e9:,.0f} GB/s", flush=True)
+        shapes.append(
+            {"block": block, "num_warps": warps, "fast_tanh": fast, "ms": 1000 * t, "gb_s": bytes_moved / t / 1e9}
+        )
+        print(
+            f"block {block:5d} warps {warps:2d} fast_tanh {fast:d}: {1000 * t:.3f} ms  "
+            f"{bytes_moved / t / 1e9:,.0f} GB/s",
+            flush=True,
+        )
 out["shapes"] = shapes
 
 # the compiled plain expression on the same logits: forward + backward of the loss alone

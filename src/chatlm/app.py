@@ -234,7 +234,7 @@ def _user_error(e: BaseException) -> Optional[str]:
         last = text[-1]
         for cls in _chatlm_error_names():
             if last.startswith(cls + ":"):
-                return last[len(cls) + 1:].strip()
+                return last[len(cls) + 1 :].strip()
     return None
 
 
@@ -280,8 +280,11 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
         job_num=int(hc.job.num) if multirun else None,
         override_dirname=str(hc.job.override_dirname) if multirun else None,
         overrides=list(hc.overrides.task),
-        choices={k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
-                 if not k.startswith("hydra/") and v is not None},
+        choices={
+            k: v
+            for k, v in OmegaConf.to_container(hc.runtime.choices).items()
+            if not k.startswith("hydra/") and v is not None
+        },
         argv=_user_argv(hc, multirun),
     )
     try:
@@ -297,9 +300,14 @@ def _task(stage: str, cfg: DictConfig, body: StageBody, store: Any) -> Any:
         run.finish("failed", e)
         return {"status": "failed", "error": f"config error: {e}"}
     try:
-        return dist.launch(run_rank, (body, typed, resolved_container(cfg), job),
-                           info=info, nproc_per_node=typed.hardware.nproc_per_node, store=store,
-                           device=typed.hardware.device.value)
+        return dist.launch(
+            run_rank,
+            (body, typed, resolved_container(cfg), job),
+            info=info,
+            nproc_per_node=typed.hardware.nproc_per_node,
+            store=store,
+            device=typed.hardware.device.value,
+        )
     except BaseException as e:
         from chatlm.runtime.rundir import Preempted
 
@@ -347,8 +355,10 @@ def _hand_over_to_requeue(e: Any, job: JobInfo, info: dist.RankInfo) -> Any:
     try:
         e.requeue(e.signum, None)
     except Exception as refused:  # submitit: "Job not requeued because: timed-out too many times."
-        message = (f"{refused}; the last checkpoint is in {job.run_dir}: continue with "
-                   f"`chatlm runs retry --resume <sweep dir>` or hydra.run.dir=<that directory>")
+        message = (
+            f"{refused}; the last checkpoint is in {job.run_dir}: continue with "
+            f"`chatlm runs retry --resume <sweep dir>` or hydra.run.dir=<that directory>"
+        )
         if info.rank == 0:
             Run(Path(job.run_dir)).finish("failed", message)
         return {"status": "failed", "error": message}

@@ -51,14 +51,25 @@ def check(cfg: CheckConfig, run: Run) -> dict:
     dt = max(time.perf_counter() - t0, 1e-9)
     tflops = 2 * n**3 * cfg.matmul_iters / dt / 1e12
     run.log_metrics(step=0, all_reduce=value.item(), matmul_tflops=tflops)
-    log.info("rank %d: all_reduce %.0f (expected %.0f), matmul %.3f TFLOP/s (%s)", ctx.rank, value.item(), expected,
-             tflops, policy.dtype_name)
+    log.info(
+        "rank %d: all_reduce %.0f (expected %.0f), matmul %.3f TFLOP/s (%s)",
+        ctx.rank,
+        value.item(),
+        expected,
+        tflops,
+        policy.dtype_name,
+    )
     if cfg.sleep_s > 0:
         time.sleep(cfg.sleep_s)
     if cfg.fail:
         raise RuntimeError("check failed on purpose (fail=true)")
-    return {"world_size": world, "all_reduce": value.item(), "ranks_agree_on_run_dir": True,
-            "matmul_tflops": round(tflops, 4), "compute_dtype": policy.dtype_name}
+    return {
+        "world_size": world,
+        "all_reduce": value.item(),
+        "ranks_agree_on_run_dir": True,
+        "matmul_tflops": round(tflops, 4),
+        "compute_dtype": policy.dtype_name,
+    }
 
 
 def main() -> None:

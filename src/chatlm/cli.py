@@ -134,21 +134,34 @@ def _runs_ls(args: argparse.Namespace) -> int:
     runs = filter_runs(runs, stage=args.stage, status=args.status, since=since, where=args.where)
     runs = sort_runs(runs, args.sort)
     if args.last is not None:
-        runs = runs[-args.last:] if args.last > 0 else []
+        runs = runs[-args.last :] if args.last > 0 else []
     _print_notes(notes)
     if args.json:
         out = []
         for r in runs:
-            out.append({"path": str(r.path), "stage": r.stage, "name": r.name, "status": r.display_status,
-                        "recorded_status": r.status, "start": r.record.get("start_time"),
-                        "duration_s": r.duration_s, "model": r.model, "overrides": r.overrides,
-                        "final_metrics": r.final_metrics,
-                        "error": (r.error or {}).get("message") if r.error else None})
+            out.append(
+                {
+                    "path": str(r.path),
+                    "stage": r.stage,
+                    "name": r.name,
+                    "status": r.display_status,
+                    "recorded_status": r.status,
+                    "start": r.record.get("start_time"),
+                    "duration_s": r.duration_s,
+                    "model": r.model,
+                    "overrides": r.overrides,
+                    "final_metrics": r.final_metrics,
+                    "error": (r.error or {}).get("message") if r.error else None,
+                }
+            )
         print(_json.dumps(out, indent=2, default=str))
         return 0
     names = [m for m in _LS_METRICS if any(m in r.final_metrics for r in runs)]
-    others = sorted({k for r in runs for k, v in r.final_metrics.items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)} - set(names) - {"wall_time_s"})
+    others = sorted(
+        {k for r in runs for k, v in r.final_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        - set(names)
+        - {"wall_time_s"}
+    )
     metric_cols = (names + others)[:_LS_MAX_METRICS]
     if args.sort not in ("start", "duration") and args.sort not in metric_cols:
         metric_cols.append(args.sort)
@@ -156,8 +169,18 @@ def _runs_ls(args: argparse.Namespace) -> int:
     rows = []
     for r in runs:
         start = r.start.strftime("%Y-%m-%d %H:%M") if r.start else ""
-        rows.append([r.stage, r.name, r.display_status, start, _fmt_duration(r.duration_s), r.model,
-                     _key_overrides(r.overrides), *[fmt(r.final_metrics.get(m)) for m in metric_cols]])
+        rows.append(
+            [
+                r.stage,
+                r.name,
+                r.display_status,
+                start,
+                _fmt_duration(r.duration_s),
+                r.model,
+                _key_overrides(r.overrides),
+                *[fmt(r.final_metrics.get(m)) for m in metric_cols],
+            ]
+        )
     if not rows:
         print("no runs found", file=sys.stderr)
         return 0
@@ -178,13 +201,23 @@ def _runs_show(args: argparse.Namespace) -> int:
         return 2
     rec = run.record
     git = rec.get("git") if isinstance(rec.get("git"), dict) else {}
-    fields = [("path", str(run.path)), ("stage", run.stage), ("name", run.name), ("status", run.display_status),
-              ("start", rec.get("start_time")), ("end", rec.get("end_time")), ("duration_s", run.duration_s),
-              ("model", run.model), ("world_size", rec.get("world_size")), ("launcher", rec.get("launcher")),
-              ("config_hash", (rec.get("config_hash") or "")[:12]),
-              ("git", f"{git.get('sha', '')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else ""),
-              ("attempts", len(rec.get("attempts") or [])), ("overrides", " ".join(run.overrides)),
-              ("argv", " ".join(map(str, rec.get("argv") or [])))]
+    fields = [
+        ("path", str(run.path)),
+        ("stage", run.stage),
+        ("name", run.name),
+        ("status", run.display_status),
+        ("start", rec.get("start_time")),
+        ("end", rec.get("end_time")),
+        ("duration_s", run.duration_s),
+        ("model", run.model),
+        ("world_size", rec.get("world_size")),
+        ("launcher", rec.get("launcher")),
+        ("config_hash", (rec.get("config_hash") or "")[:12]),
+        ("git", f"{git.get('sha', '')[:12]}{' (dirty)' if git.get('dirty') else ''}" if git else ""),
+        ("attempts", len(rec.get("attempts") or [])),
+        ("overrides", " ".join(run.overrides)),
+        ("argv", " ".join(map(str, rec.get("argv") or []))),
+    ]
     if run.stale:
         fields.append(("note", "run.json says running but nothing was written for over an hour: probably dead"))
     for key, value in fields:
@@ -207,7 +240,8 @@ def _runs_show(args: argparse.Namespace) -> int:
         if run.derived:
             print("\nderived:")
             for k, v in run.derived.items():
-                print(f"  {k} = {fmt(v) if not isinstance(v, dict) else yaml.safe_dump(v, default_flow_style=True).strip()}")
+                text = fmt(v) if not isinstance(v, dict) else yaml.safe_dump(v, default_flow_style=True).strip()
+                print(f"  {k} = {text}")
     rows = run.metrics()
     if rows:
         print(f"\nlast metrics row ({len(rows)} rows):")
@@ -319,16 +353,24 @@ def _runs_plot(args: argparse.Namespace) -> int:
     notes: list[str] = []
     runs = _gather_runs(args.runs, notes)
     metrics = args.metric or ["val_bpb"]
-    series = plot_runs(runs, metrics, args.x, Path(args.out), logy=args.logy, smooth_n=args.smooth,
-                       size=size, notes=notes) if runs else []
+    series = (
+        plot_runs(runs, metrics, args.x, Path(args.out), logy=args.logy, smooth_n=args.smooth, size=size, notes=notes)
+        if runs
+        else []
+    )
     _print_notes(notes)
     if not series:
-        print(f"chatlm runs plot: nothing to plot ({len(runs)} runs found, none with {', '.join(metrics)} "
-              f"against {args.x}); no image written", file=sys.stderr)
+        print(
+            f"chatlm runs plot: nothing to plot ({len(runs)} runs found, none with {', '.join(metrics)} "
+            f"against {args.x}); no image written",
+            file=sys.stderr,
+        )
         return 1
     drawn = len({s.run for s in series})
-    print(f"{args.out}: {len(series)} curves of {', '.join(dict.fromkeys(s.metric for s in series))} "
-          f"from {drawn} runs against {args.x}")
+    print(
+        f"{args.out}: {len(series)} curves of {', '.join(dict.fromkeys(s.metric for s in series))} "
+        f"from {drawn} runs against {args.x}"
+    )
     return 0
 
 
@@ -340,8 +382,11 @@ def _offline_wandb_runs(runs: list, force: bool, notes: list[str]) -> list:
     for run in runs:
         found = offline_runs(run.path)
         if not found:
-            online = " (its W&B run was online: nothing to sync)" if online_run_dirs(run.path) else \
-                " (logged without logger=wandb?)"
+            online = (
+                " (its W&B run was online: nothing to sync)"
+                if online_run_dirs(run.path)
+                else " (logged without logger=wandb?)"
+            )
             notes.append(f"{run.path}: no offline W&B run under wandb/{online}")
             continue
         if run.display_status == "running" and not force:
@@ -367,8 +412,11 @@ def _print_sync_plan(todo: list, header: str) -> None:
 def _sync_later_hint(args: argparse.Namespace) -> str:
     import shlex
 
-    return "run `chatlm runs sync --wandb " + " ".join(shlex.quote(r) for r in args.runs) + \
-        "` again (or the `wandb sync` commands above) where W&B can be reached"
+    return (
+        "run `chatlm runs sync --wandb "
+        + " ".join(shlex.quote(r) for r in args.runs)
+        + "` again (or the `wandb sync` commands above) where W&B can be reached"
+    )
 
 
 def _runs_sync(args: argparse.Namespace) -> int:
@@ -409,8 +457,10 @@ def _push_offline_runs(todo: list, args: argparse.Namespace) -> int:
             continue
         if outcome.blocked:
             _print_sync_plan(todo[i:], f"not synced, {len(todo) - i} offline W&B run(s) stay in place:")
-            print(f"chatlm runs sync: {outcome.message}; nothing more uploaded. Later: {_sync_later_hint(args)}",
-                  file=sys.stderr)
+            print(
+                f"chatlm runs sync: {outcome.message}; nothing more uploaded. Later: {_sync_later_hint(args)}",
+                file=sys.stderr,
+            )
             return 1 if failed else 0
         failed += 1
         print(f"chatlm runs sync: error: {offline.path}: {outcome.message}", file=sys.stderr)
@@ -421,8 +471,14 @@ def _runs_retry(args: argparse.Namespace) -> int:
     from chatlm.runs.retry import RetryError, retry
 
     try:
-        return retry(Path(args.sweep_dir), failed_only=args.failed, resume=args.resume,
-                     include_running=args.include_running, jobs=args.jobs, dry_run=args.dry_run)
+        return retry(
+            Path(args.sweep_dir),
+            failed_only=args.failed,
+            resume=args.resume,
+            include_running=args.include_running,
+            jobs=args.jobs,
+            dry_run=args.dry_run,
+        )
     except RetryError as e:
         print(f"chatlm runs retry: error: {e}", file=sys.stderr)
         return 2
@@ -445,8 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--stage", help="only runs of this stage (train, check, ...)")
     ls.add_argument("--status", help="only runs with this status (running, completed, failed, preempted, running?)")
     ls.add_argument("--since", help="started since a date (2026-11-24, 2026-11-24T10:00) or a span ago (2h, 3d)")
-    ls.add_argument("--where", action="append", metavar="KEY=VALUE",
-                    help="config.resolved.yaml key (dotted; derived.<k> too) equals VALUE; repeatable")
+    ls.add_argument(
+        "--where",
+        action="append",
+        metavar="KEY=VALUE",
+        help="config.resolved.yaml key (dotted; derived.<k> too) equals VALUE; repeatable",
+    )
     ls.add_argument("--sort", default="start", help="start (default), duration, or a final metric name (ascending)")
     ls.add_argument("--last", type=int, default=None, metavar="N", help="only the last N runs after sorting")
     ls.add_argument("--json", action="store_true", help="JSON list instead of a table")
@@ -459,22 +519,37 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run directories, or directories holding runs (a sweep)")
     cp.add_argument("--metric", action="append", help="metric to show (final and best); repeatable; default val_bpb")
     cp.add_argument("--by", metavar="KEY", help="group completed runs by this config key: mean ± std and n")
-    cp.add_argument("--baseline", action="append", metavar="KEY=VALUE",
-                    help="setting the others are tested against (Welch t-test over seeds); repeatable; "
-                         "default: the first setting")
-    cp.add_argument("--at", choices=("tokens", "flops"),
-                    help="also each metric at equal tokens or equal FLOPs (interpolated between logged points)")
-    cp.add_argument("--at-value", type=float, metavar="X",
-                    help="the tokens/FLOPs for --at (default: the most that every run reached)")
+    cp.add_argument(
+        "--baseline",
+        action="append",
+        metavar="KEY=VALUE",
+        help="setting the others are tested against (Welch t-test over seeds); repeatable; default: the first setting",
+    )
+    cp.add_argument(
+        "--at",
+        choices=("tokens", "flops"),
+        help="also each metric at equal tokens or equal FLOPs (interpolated between logged points)",
+    )
+    cp.add_argument(
+        "--at-value",
+        type=float,
+        metavar="X",
+        help="the tokens/FLOPs for --at (default: the most that every run reached)",
+    )
     cp.add_argument("--format", choices=("table", "md", "csv"), default="table")
     cp.set_defaults(func=_runs_compare)
     pl = runs_sub.add_parser("plot", help="PNG of metric curves, one line per run, labelled by the differing keys")
     pl.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run directories, or directories holding runs")
-    pl.add_argument("--metric", action="append", help="metric from metrics.jsonl; repeatable (one panel each); "
-                    "default val_bpb")
-    pl.add_argument("--x", choices=("tokens", "flops", "time", "step"), default="tokens",
-                    help="x axis: tokens (default), flops (tokens x derived.flops_per_token), time "
-                         "(train_time_s, else wall-clock), step")
+    pl.add_argument(
+        "--metric", action="append", help="metric from metrics.jsonl; repeatable (one panel each); default val_bpb"
+    )
+    pl.add_argument(
+        "--x",
+        choices=("tokens", "flops", "time", "step"),
+        default="tokens",
+        help="x axis: tokens (default), flops (tokens x derived.flops_per_token), time "
+        "(train_time_s, else wall-clock), step",
+    )
     pl.add_argument("--out", default="plot.png", help="PNG file to write (default plot.png)")
     pl.add_argument("--logy", action="store_true", help="logarithmic y axis")
     pl.add_argument("--smooth", type=int, default=1, metavar="N", help="trailing moving average over N points")
@@ -483,21 +558,35 @@ def build_parser() -> argparse.ArgumentParser:
     sy = runs_sub.add_parser("sync", help="push offline W&B runs of run directories (wandb sync)")
     sy.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP", help="run directories, or directories holding runs")
     sy.add_argument("--wandb", action="store_true", help="sync the offline W&B runs under <run dir>/wandb/")
-    sy.add_argument("--dry-run", action="store_true", help="list what would be synced (directories, steps); upload nothing")
+    sy.add_argument(
+        "--dry-run", action="store_true", help="list what would be synced (directories, steps); upload nothing"
+    )
     sy.add_argument("--force", action="store_true", help="also runs still running and runs already synced")
-    sy.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                    help="seconds each `wandb sync` may take (default 300)")
+    sy.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="seconds each `wandb sync` may take (default 300)"
+    )
     sy.set_defaults(func=_runs_sync)
     rt = runs_sub.add_parser("retry", help="run a sweep's failed or missing points again, in their directories")
     rt.add_argument("sweep_dir", metavar="SWEEP_DIR", help="the sweep directory (holds multirun.yaml / sweep.json)")
     rt.add_argument("--failed", action="store_true", help="only failed or preempted points, not missing ones")
-    rt.add_argument("--resume", action="store_true",
-                    help="continue points that have a checkpoint from it (default: start them from scratch; "
-                         "old attempts are moved to <sweep>/.retried/)")
-    rt.add_argument("--include-running", action="store_true",
-                    help="also points whose record still says running (a job that died without closing it)")
-    rt.add_argument("--jobs", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="N,M",
-                    help="exactly these job numbers, whatever their status")
+    rt.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue points that have a checkpoint from it (default: start them from scratch; "
+        "old attempts are moved to <sweep>/.retried/)",
+    )
+    rt.add_argument(
+        "--include-running",
+        action="store_true",
+        help="also points whose record still says running (a job that died without closing it)",
+    )
+    rt.add_argument(
+        "--jobs",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=None,
+        metavar="N,M",
+        help="exactly these job numbers, whatever their status",
+    )
     rt.add_argument("--dry-run", action="store_true", help="print the points and the command; run nothing")
     rt.set_defaults(func=_runs_retry)
     conv = sub.add_parser("convert", help="convert checkpoints from other frameworks")

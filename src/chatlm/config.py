@@ -54,6 +54,7 @@ class AttentionBackend(str, enum.Enum):
 
 class KernelChoice(str, enum.Enum):
     """A fused kernel or nanochat's plain expression (auto: fused on CUDA with Triton)."""
+
     auto = "auto"
     fused = "fused"
     plain = "plain"
@@ -144,17 +145,28 @@ class ModelConfig:
     rope_kernel: KernelChoice = KernelChoice.auto
 
     def __post_init__(self) -> None:
-        for key in ("depth", "aspect_ratio", "head_dim", "sequence_len", "vocab_pad_multiple",
-                    "short_window_divisor", "window_round", "rope_table_factor"):
+        for key in (
+            "depth",
+            "aspect_ratio",
+            "head_dim",
+            "sequence_len",
+            "vocab_pad_multiple",
+            "short_window_divisor",
+            "window_round",
+            "rope_table_factor",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
         pattern = self.window_pattern.upper()
         if not pattern or set(pattern) - {"S", "L"}:
-            raise ConfigError("model.window_pattern",
-                              f"must be a non-empty string of S (short) and L (long), got {self.window_pattern!r}")
+            raise ConfigError(
+                "model.window_pattern",
+                f"must be a non-empty string of S (short) and L (long), got {self.window_pattern!r}",
+            )
         if self.short_window is not None and not 0 < self.short_window <= self.sequence_len:
-            raise ConfigError("model.short_window",
-                              f"must be in [1, sequence_len={self.sequence_len}], got {self.short_window}")
+            raise ConfigError(
+                "model.short_window", f"must be in [1, sequence_len={self.sequence_len}], got {self.short_window}"
+            )
         if self.backout_layer is not None and not 0 <= self.backout_layer < self.depth:
             raise ConfigError("model.backout_layer", f"must be in [0, depth={self.depth}), got {self.backout_layer}")
         if self.softcap < 0:
@@ -241,8 +253,8 @@ class DataSourceConfig:
     url: Optional[str] = None
     num_shards: int = -1
     sha256_manifest: Optional[str] = None  # `sha256sum` file of the shards, checked after download
-    download_workers: int = 4             # parallel downloads
-    wait_timeout_s: float = 3600.0        # non-main ranks wait this long for the main rank's shards
+    download_workers: int = 4  # parallel downloads
+    wait_timeout_s: float = 3600.0  # non-main ranks wait this long for the main rank's shards
 
 
 @dataclass
@@ -266,8 +278,15 @@ NANOCHAT_SPLIT_PATTERN = (
 )
 
 NANOCHAT_SPECIAL_TOKENS = [
-    "<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+    "<|bos|>",
+    "<|user_start|>",
+    "<|user_end|>",
+    "<|assistant_start|>",
+    "<|assistant_end|>",
+    "<|python_start|>",
+    "<|python_end|>",
+    "<|output_start|>",
+    "<|output_end|>",
 ]
 
 
@@ -285,8 +304,10 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.vocab_size < 256 + len(self.special_tokens):
-            raise ConfigError("tokenizer.vocab_size",
-                              f"must be >= 256 bytes + {len(self.special_tokens)} special tokens, got {self.vocab_size}")
+            raise ConfigError(
+                "tokenizer.vocab_size",
+                f"must be >= 256 bytes + {len(self.special_tokens)} special tokens, got {self.vocab_size}",
+            )
 
 
 #: loss kernels `python -m chatlm.bench task=loss` can time (chatlm.bench.loss_bench)
@@ -320,8 +341,10 @@ class HardwareConfig:
         if self.device_batch_size < 1:
             raise ConfigError("hardware.device_batch_size", f"must be >= 1, got {self.device_batch_size}")
         if self.compile_mode not in COMPILE_MODES:
-            raise ConfigError("hardware.compile_mode", f"must be one of {', '.join(map(str, COMPILE_MODES))}, "
-                                                       f"got {self.compile_mode!r}")
+            raise ConfigError(
+                "hardware.compile_mode",
+                f"must be one of {', '.join(map(str, COMPILE_MODES))}, got {self.compile_mode!r}",
+            )
 
 
 @dataclass
@@ -530,13 +553,15 @@ class BenchConfig(ModelStageConfig):
         if self.task not in ("train", "attention", "loss"):
             raise ConfigError("task", f"must be 'train', 'attention' or 'loss', got {self.task!r}")
         if self.tokens not in ("synthetic", "data"):
-            raise ConfigError("tokens", f"must be 'synthetic' (random ids) or 'data' (the data group's shards), "
-                                        f"got {self.tokens!r}")
+            raise ConfigError(
+                "tokens", f"must be 'synthetic' (random ids) or 'data' (the data group's shards), got {self.tokens!r}"
+            )
         if self.steps < 1:
             raise ConfigError("steps", f"must be >= 1, got {self.steps}")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ConfigError("warmup_steps", f"must be in [0, steps={self.steps}) so that a step is timed, "
-                                              f"got {self.warmup_steps}")
+            raise ConfigError(
+                "warmup_steps", f"must be in [0, steps={self.steps}) so that a step is timed, got {self.warmup_steps}"
+            )
         if self.total_batch_size != -1 and self.total_batch_size < 1:
             raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
         for key in ("ceiling_size", "ceiling_iters", "attn_iters", "loss_iters"):
@@ -553,8 +578,9 @@ class BenchConfig(ModelStageConfig):
             raise ConfigError("attn_backends", f"unknown backend(s) {bad}; valid: fa4, flex, sdpa (empty = all)")
         bad = [k for k in self.loss_kernels if k not in LOSS_BENCH_KERNELS]
         if bad:
-            raise ConfigError("loss_kernels", f"unknown loss kernel(s) {bad}; valid: {', '.join(LOSS_BENCH_KERNELS)} "
-                                              "(empty = all)")
+            raise ConfigError(
+                "loss_kernels", f"unknown loss kernel(s) {bad}; valid: {', '.join(LOSS_BENCH_KERNELS)} (empty = all)"
+            )
 
 
 # Which schema backs which group. `chatlm.app` registers these in Hydra's ConfigStore and the

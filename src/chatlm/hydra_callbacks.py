@@ -66,14 +66,19 @@ class SweepSummary(Callback):
         submitted = take_submitted()
         if submitted is not None:  # hydra.launcher.wait=false: the jobs run on without us
             self._written = True
-            log.info("submitted %d job(s) (%s) and not waiting. Follow them with `squeue --me` and "
-                     "`chatlm runs ls %s`; when they are done, `chatlm runs summarize %s` writes the summary",
-                     len(submitted["jobs"]), ", ".join(submitted["jobs"]), submitted["sweep_dir"],
-                     submitted["sweep_dir"])
+            log.info(
+                "submitted %d job(s) (%s) and not waiting. Follow them with `squeue --me` and "
+                "`chatlm runs ls %s`; when they are done, `chatlm runs summarize %s` writes the summary",
+                len(submitted["jobs"]),
+                ", ".join(submitted["jobs"]),
+                submitted["sweep_dir"],
+                submitted["sweep_dir"],
+            )
             return
         rows = self._write()
         bad = [r for r in rows if r["status"] != "completed"]
         if bad:
             jobs = ", ".join(f"#{r['job']} {r['status']} ({r['overrides']})" for r in bad)
-            _failure = (f"{len(bad)} of {len(rows)} sweep jobs did not complete: {jobs}. "
-                        f"See {self._sweep_dir / 'summary.md'}")
+            _failure = (
+                f"{len(bad)} of {len(rows)} sweep jobs did not complete: {jobs}. See {self._sweep_dir / 'summary.md'}"
+            )

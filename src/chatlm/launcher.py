@@ -35,11 +35,11 @@ from typing import Any, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import OmegaConf, open_dict
 
 from chatlm.runs.summary import read_sweep_record, write_sweep_record
 from chatlm.runtime.rundir import SCHEMA_VERSION, mark_failed_if_running, now_iso
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 
 log = logging.getLogger("chatlm")
 
@@ -132,37 +132,48 @@ def partitions() -> dict[str, Partition]:
 def check_slurm_request(params: dict) -> Partition:
     """Refuse a Slurm request that cannot be scheduled; return the partition it will run on."""
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        raise LaunchError("Slurm is not installed here (no sbatch/sinfo on PATH). Submit from a Slurm login node, "
-                          "or run locally with cluster=local (one process) or cluster=submitit_local.")
+        raise LaunchError(
+            "Slurm is not installed here (no sbatch/sinfo on PATH). Submit from a Slurm login node, "
+            "or run locally with cluster=local (one process) or cluster=submitit_local."
+        )
     ping = _run(["scontrol", "ping"])
     if ping.returncode != 0 or "UP" not in ping.stdout:
-        raise LaunchError("no Slurm controller answers `scontrol ping` from this machine: "
-                          f"{(ping.stdout + ping.stderr).strip()}")
+        raise LaunchError(
+            f"no Slurm controller answers `scontrol ping` from this machine: {(ping.stdout + ping.stderr).strip()}"
+        )
     parts = partitions()
     wanted = params.get("partition")
     if wanted:
         if wanted not in parts:
-            raise LaunchError(f"Slurm partition '{wanted}' does not exist here; partitions: "
-                              f"{', '.join(sorted(parts)) or '(none)'}. Set CHATLM_PARTITION, conf/local/default.yaml "
-                              "or hydra.launcher.partition.")
+            raise LaunchError(
+                f"Slurm partition '{wanted}' does not exist here; partitions: "
+                f"{', '.join(sorted(parts)) or '(none)'}. Set CHATLM_PARTITION, conf/local/default.yaml "
+                "or hydra.launcher.partition."
+            )
         part = parts[wanted]
     else:
         defaults = [p for p in parts.values() if p.default]
         if not defaults:
-            raise LaunchError("no partition given and this cluster has no default partition; partitions: "
-                              f"{', '.join(sorted(parts))}. Set CHATLM_PARTITION or hydra.launcher.partition.")
+            raise LaunchError(
+                "no partition given and this cluster has no default partition; partitions: "
+                f"{', '.join(sorted(parts))}. Set CHATLM_PARTITION or hydra.launcher.partition."
+            )
         part = defaults[0]
     nodes = int(params.get("nodes") or 1)
     if nodes > part.nodes:
         raise LaunchError(f"the job asks for {nodes} nodes but partition '{part.name}' has {part.nodes}")
     gpus = int(params.get("gpus_per_node") or 0)
     if gpus > part.gpus_per_node:
-        raise LaunchError(f"the job asks for {gpus} GPUs per node but the nodes of partition '{part.name}' have "
-                          f"at most {part.gpus_per_node} (hardware.nproc_per_node sets GPUs and tasks per node)")
+        raise LaunchError(
+            f"the job asks for {gpus} GPUs per node but the nodes of partition '{part.name}' have "
+            f"at most {part.gpus_per_node} (hardware.nproc_per_node sets GPUs and tasks per node)"
+        )
     cpus = int(params.get("tasks_per_node") or 1) * int(params.get("cpus_per_task") or 1)
     if part.cpus_per_node and cpus > part.cpus_per_node:
-        raise LaunchError(f"the job asks for {cpus} CPUs per node (tasks_per_node x cpus_per_task) but the nodes of "
-                          f"partition '{part.name}' have {part.cpus_per_node}; lower hydra.launcher.cpus_per_task")
+        raise LaunchError(
+            f"the job asks for {cpus} CPUs per node (tasks_per_node x cpus_per_task) but the nodes of "
+            f"partition '{part.name}' have {part.cpus_per_node}; lower hydra.launcher.cpus_per_task"
+        )
     return part
 
 
@@ -183,8 +194,9 @@ class ChatlmLauncherMixin:
 
     # -- in the job --------------------------------------------------------------------------
 
-    def __call__(self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: dict) -> JobReturn:
+    def __call__(
+        self, sweep_overrides: List[str], job_dir_key: str, job_num: int, job_id: str, singleton_state: dict
+    ) -> JobReturn:
         import submitit
 
         if submitit.JobEnvironment().global_rank != 0:
@@ -218,14 +230,22 @@ class ChatlmLauncherMixin:
             wanted = set(int(j) for j in self.only_jobs)
             unknown = sorted(wanted - {n for n, _ in numbered})
             if unknown:
-                _fail(f"only_jobs names job numbers this sweep does not have: {unknown} "
-                      f"(it has {numbered[0][0]}..{numbered[-1][0]})", sweep_dir)
+                _fail(
+                    f"only_jobs names job numbers this sweep does not have: {unknown} "
+                    f"(it has {numbered[0][0]}..{numbered[-1][0]})",
+                    sweep_dir,
+                )
             numbered = [(n, ov) for n, ov in numbered if n in wanted]
         if self._EXECUTOR == "slurm" and self.preflight:
             try:
                 part = check_slurm_request(params)
-                log.info("Slurm partition %s: %d nodes, %d CPUs and %d GPUs per node", part.name, part.nodes,
-                         part.cpus_per_node, part.gpus_per_node)
+                log.info(
+                    "Slurm partition %s: %d nodes, %d CPUs and %d GPUs per node",
+                    part.name,
+                    part.nodes,
+                    part.cpus_per_node,
+                    part.gpus_per_node,
+                )
             except LaunchError as e:
                 _fail(str(e), sweep_dir)
 
@@ -244,16 +264,26 @@ class ChatlmLauncherMixin:
         args = [(ov, "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state()) for num, ov in numbered]
         jobs = executor.map_array(self, *zip(*args))
         for info, job in zip(jobs_info, jobs):
-            info.update(job_id=job.job_id, stdout=str(job.paths.stdout).replace("%t", "0"),
-                        stderr=str(job.paths.stderr).replace("%t", "0"), submitted=now_iso())
+            info.update(
+                job_id=job.job_id,
+                stdout=str(job.paths.stdout).replace("%t", "0"),
+                stderr=str(job.paths.stderr).replace("%t", "0"),
+                submitted=now_iso(),
+            )
             log.info("\t#%d -> job %s (log: %s)", info["num"], job.job_id, info["stdout"])
         record = self._merge_record(sweep_dir, jobs_info)
         write_sweep_record(sweep_dir, record)
         if not self.wait:
             global _submitted_only
             _submitted_only = {"sweep_dir": str(sweep_dir), "jobs": [i["job_id"] for i in jobs_info]}
-            return [JobReturn(overrides=i["overrides"], status=JobStatus.COMPLETED,
-                              _return_value={"status": "submitted", "job_id": i["job_id"]}) for i in jobs_info]
+            return [
+                JobReturn(
+                    overrides=i["overrides"],
+                    status=JobStatus.COMPLETED,
+                    _return_value={"status": "submitted", "job_id": i["job_id"]},
+                )
+                for i in jobs_info
+            ]
 
         results = []
         for info, job in zip(jobs_info, jobs):
@@ -263,6 +293,7 @@ class ChatlmLauncherMixin:
 
     def _executor(self, params: dict) -> Any:
         import submitit
+
         from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
         init = {"folder": params["submitit_folder"]}
@@ -270,8 +301,13 @@ class ChatlmLauncherMixin:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params["max_num_timeout"]
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
         base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in params.items()
-                                      if k not in ("submitit_folder", "max_num_timeout")})
+        executor.update_parameters(
+            **{
+                k if k in base else f"{self._EXECUTOR}_{k}": v
+                for k, v in params.items()
+                if k not in ("submitit_folder", "max_num_timeout")
+            }
+        )
         return executor
 
     def _merge_record(self, sweep_dir: Path, jobs_info: list[dict]) -> dict:
@@ -287,8 +323,11 @@ class ChatlmLauncherMixin:
             "hydra_overrides": list(OmegaConf.to_container(cfg.hydra.overrides.hydra)),
             "jobs": [],
         }
-        record["launcher"] = {"executor": self._EXECUTOR, "target": f"{type(self).__module__}.{type(self).__name__}",
-                              "params": {k: v for k, v in self.params.items()}}  # type: ignore[attr-defined]
+        record["launcher"] = {
+            "executor": self._EXECUTOR,
+            "target": f"{type(self).__module__}.{type(self).__name__}",
+            "params": {k: v for k, v in self.params.items()},
+        }  # type: ignore[attr-defined]
         by_num = {j["num"]: j for j in record.get("jobs", [])}
         for info in jobs_info:
             by_num.setdefault(info["num"], {}).update(info)
@@ -314,8 +353,11 @@ class ChatlmLauncherMixin:
                 mark_failed_if_running(info["run_dir"], message)
             else:  # it never started: leave a record so the summary and `runs retry` see the point
                 _record_unstarted(info, message, str(self.config.get("stage", "")))  # type: ignore[attr-defined]
-            return JobReturn(overrides=info["overrides"], status=JobStatus.COMPLETED,
-                             _return_value={"status": "failed", "error": message})
+            return JobReturn(
+                overrides=info["overrides"],
+                status=JobStatus.COMPLETED,
+                _return_value={"status": "failed", "error": message},
+            )
 
 
 def _record_unstarted(info: dict, message: str, stage: str) -> None:
@@ -323,10 +365,21 @@ def _record_unstarted(info: dict, message: str, stage: str) -> None:
 
     path = Path(info["run_dir"])
     path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "run.json", {"schema_version": SCHEMA_VERSION, "stage": stage, "run_dir": str(path), "status": "failed",
-                                   "start_time": None, "end_time": now_iso(), "overrides": info["overrides"],
-                                   "attempts": [], "final_metrics": {},
-                                   "error": {"type": "JobKilled", "message": message, "traceback": None}})
+    write_json(
+        path / "run.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "stage": stage,
+            "run_dir": str(path),
+            "status": "failed",
+            "start_time": None,
+            "end_time": now_iso(),
+            "overrides": info["overrides"],
+            "attempts": [],
+            "final_metrics": {},
+            "error": {"type": "JobKilled", "message": message, "traceback": None},
+        },
+    )
 
 
 def _fail(message: str, sweep_dir: Path) -> None:

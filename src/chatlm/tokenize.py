@@ -17,9 +17,9 @@ from typing import Iterator
 
 from chatlm.app import run_stage
 from chatlm.config import TokenizeConfig
-from chatlm.errors import ChatlmError
 from chatlm.data.shards import iter_documents, list_shards
 from chatlm.data.sources import prepare_source
+from chatlm.errors import ChatlmError
 from chatlm.runtime.rundir import Run
 from chatlm.tokenizer import Tokenizer, compression_report, reference_encoding, tokenizer_dir, train_tokenizer
 
@@ -52,16 +52,18 @@ def training_texts(shard_sets: list[tuple[list[Path], float]], max_chars: int) -
 def tokenize(cfg: TokenizeConfig, run: Run) -> dict:
     out = tokenizer_dir(cfg.tokenizer, cfg.paths)
     if (out / "tokenizer.json").exists() and not cfg.overwrite:
-        raise ChatlmError(f"a tokenizer already exists at {out}; pass overwrite=true to replace it, or "
-                              f"choose another tokenizer.name")
+        raise ChatlmError(
+            f"a tokenizer already exists at {out}; pass overwrite=true to replace it, or choose another tokenizer.name"
+        )
     train_sets, val_files = [], []
     for source in cfg.data.sources:
         directory = prepare_source(source, cfg.paths, rank_is_main=True)
         train, val = list_shards(directory)
         train_sets.append((train, source.weight))
         val_files.append((source.kind.value, val))
-        log.info("source %s: %d train shards in %s (validation shard held out)", source.kind.value, len(train),
-                 directory)
+        log.info(
+            "source %s: %d train shards in %s (validation shard held out)", source.kind.value, len(train), directory
+        )
 
     progress = _TenPercentSteps()
     logging.getLogger("rustbpe").addFilter(progress)
@@ -71,12 +73,21 @@ def tokenize(cfg: TokenizeConfig, run: Run) -> dict:
         logging.getLogger("rustbpe").removeFilter(progress)
     tok.meta.update(data=cfg.data.name, sources=[s.kind.value for s in cfg.data.sources])
     tok.save(out)
-    log.info("trained %s: %d ids (%d merges) on %s chars in %.1f s -> %s", tok.name, tok.vocab_size,
-             tok.n_mergeable - 256, f"{tok.meta['train_chars']:,}", tok.meta["train_seconds"], out)
+    log.info(
+        "trained %s: %d ids (%d merges) on %s chars in %.1f s -> %s",
+        tok.name,
+        tok.vocab_size,
+        tok.n_mergeable - 256,
+        f"{tok.meta['train_chars']:,}",
+        tok.meta["train_seconds"],
+        out,
+    )
 
     held_out = {name: "\n".join(islice(iter_documents([val]), cfg.eval_docs)) for name, val in val_files}
-    report = {"tokenizer": {"name": tok.name, "dir": str(out), "vocab_size": tok.vocab_size, **tok.meta},
-              "compression": {"chatlm": compression_report(Tokenizer.load(out), held_out)}}
+    report = {
+        "tokenizer": {"name": tok.name, "dir": str(out), "vocab_size": tok.vocab_size, **tok.meta},
+        "compression": {"chatlm": compression_report(Tokenizer.load(out), held_out)},
+    }
     for ref in ("r50k_base", "cl100k_base"):
         enc = reference_encoding(ref)
         report["compression"][ref] = compression_report(enc, held_out) if enc is not None else None
@@ -92,9 +103,14 @@ def tokenize(cfg: TokenizeConfig, run: Run) -> dict:
     log.info("compression on held-out validation text (bytes per token, higher is better):\n%s", "\n".join(lines))
     run.record_derived(tokenizer_dir=str(out), vocab_size=tok.vocab_size)
     chatlm_bpt = report["compression"]["chatlm"]["bytes_per_token"]
-    return {"vocab_size": tok.vocab_size, "train_chars": tok.meta["train_chars"], "train_docs": tok.meta["train_docs"],
-            "train_seconds": tok.meta["train_seconds"], "bytes_per_token": round(chatlm_bpt, 4),
-            "tokenizer_dir": str(out)}
+    return {
+        "vocab_size": tok.vocab_size,
+        "train_chars": tok.meta["train_chars"],
+        "train_docs": tok.meta["train_docs"],
+        "train_seconds": tok.meta["train_seconds"],
+        "bytes_per_token": round(chatlm_bpt, 4),
+        "tokenizer_dir": str(out),
+    }
 
 
 def main() -> None:

@@ -91,28 +91,50 @@ def plan_run(cfg: TrainConfig, vocab_size: int, world_size: int) -> Plan:
     ref_cfg = replace(cfg.model, depth=cfg.optim.reference_depth, backout_layer=None)
     ref = _meta_model(ref_cfg, vocab_size)
     transfer = depth_transfer(
-        model.num_scaling_params(), ref.num_scaling_params(), cfg.target_param_data_ratio,
-        cfg.optim.weight_decay, cfg.total_batch_size, cfg.optim.reference_batch_tokens,
-        cfg.optim.batch_size_exponent, cfg.steps, cfg.target_flops, model.flops_per_token())
+        model.num_scaling_params(),
+        ref.num_scaling_params(),
+        cfg.target_param_data_ratio,
+        cfg.optim.weight_decay,
+        cfg.total_batch_size,
+        cfg.optim.reference_batch_tokens,
+        cfg.optim.batch_size_exponent,
+        cfg.steps,
+        cfg.target_flops,
+        model.flops_per_token(),
+    )
     B, T = cfg.hardware.device_batch_size, cfg.model.sequence_len
     micro = B * T * world_size
     if transfer.batch_tokens % micro:
-        raise ConfigError("total_batch_size",
-                          f"{transfer.batch_tokens:,} tokens per step is not a multiple of device_batch_size x "
-                          f"sequence_len x world_size = {B} x {T} x {world_size} = {micro:,}; change "
-                          f"total_batch_size or hardware.device_batch_size")
+        raise ConfigError(
+            "total_batch_size",
+            f"{transfer.batch_tokens:,} tokens per step is not a multiple of device_batch_size x "
+            f"sequence_len x world_size = {B} x {T} x {world_size} = {micro:,}; change "
+            f"total_batch_size or hardware.device_batch_size",
+        )
     if transfer.num_iterations < 1:
         raise ConfigError("steps", f"the derived horizon is {transfer.num_iterations} steps; set steps explicitly")
     d = model.dims
     total_tokens = transfer.num_iterations * transfer.batch_tokens
     return Plan(
-        vocab_size=vocab_size, n_embd=d.n_embd, n_head=d.n_head, n_layer=d.n_layer, windows=tuple(d.windows),
-        params=model.num_params(), scaling_params=model.num_scaling_params(),
-        flops_per_token=model.flops_per_token(), ref_scaling_params=ref.num_scaling_params(),
-        target_tokens=transfer.target_tokens, total_batch_size=transfer.batch_tokens,
-        batch_lr_scale=transfer.batch_lr_scale, muon_weight_decay=transfer.weight_decay,
-        num_iterations=transfer.num_iterations, device_batch_size=B, seq_len=T, world_size=world_size,
-        grad_accum=transfer.batch_tokens // micro, total_tokens=total_tokens,
+        vocab_size=vocab_size,
+        n_embd=d.n_embd,
+        n_head=d.n_head,
+        n_layer=d.n_layer,
+        windows=tuple(d.windows),
+        params=model.num_params(),
+        scaling_params=model.num_scaling_params(),
+        flops_per_token=model.flops_per_token(),
+        ref_scaling_params=ref.num_scaling_params(),
+        target_tokens=transfer.target_tokens,
+        total_batch_size=transfer.batch_tokens,
+        batch_lr_scale=transfer.batch_lr_scale,
+        muon_weight_decay=transfer.weight_decay,
+        num_iterations=transfer.num_iterations,
+        device_batch_size=B,
+        seq_len=T,
+        world_size=world_size,
+        grad_accum=transfer.batch_tokens // micro,
+        total_tokens=total_tokens,
         total_flops=float(model.flops_per_token()) * total_tokens,
         tokens_per_param=total_tokens / model.num_scaling_params(),
     )
@@ -136,8 +158,12 @@ def load_or_train_tokenizer(cfg: TrainConfig, run: Run, shard_dirs: list[Path]) 
             from chatlm.tokenize import training_texts
             from chatlm.tokenizer import train_tokenizer
 
-            log.info("no tokenizer at %s: training %s (vocab %d) on the train shards first (auto_tokenizer=true)",
-                     path, cfg.tokenizer.name, cfg.tokenizer.vocab_size)
+            log.info(
+                "no tokenizer at %s: training %s (vocab %d) on the train shards first (auto_tokenizer=true)",
+                path,
+                cfg.tokenizer.name,
+                cfg.tokenizer.vocab_size,
+            )
             sets = [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, cfg.data.sources)]
             tok = train_tokenizer(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
             tok.save(path)
@@ -161,13 +187,19 @@ def check_architecture(state: dict, cfg: TrainConfig, vocab_size: int) -> None:
     current = json.loads(json.dumps(asdict(cfg.model), default=lambda v: getattr(v, "value", str(v))))
     # labels and kernel choices (the same function of the same weights), not architecture
     ignore = {"name", "attention_backend", "loss_kernel", "qkv_matmul", "rope_kernel"}
-    diff = [f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}" for k in sorted(saved)
-            if k not in ignore and k in current and saved[k] != current[k]]
+    diff = [
+        f"model.{k}: checkpoint {saved[k]!r}, config {current.get(k)!r}"
+        for k in sorted(saved)
+        if k not in ignore and k in current and saved[k] != current[k]
+    ]
     if state["meta"].get("vocab_size") not in (None, vocab_size):
         diff.append(f"vocab size: checkpoint {state['meta']['vocab_size']}, tokenizer {vocab_size}")
     if diff:
-        raise ChatlmError(f"checkpoint {state['path']} was trained with another architecture:\n  "
-                          + "\n  ".join(diff) + "\nset these model.* keys to the checkpoint's values")
+        raise ChatlmError(
+            f"checkpoint {state['path']} was trained with another architecture:\n  "
+            + "\n  ".join(diff)
+            + "\nset these model.* keys to the checkpoint's values"
+        )
 
 
 class RepeatBatches:
@@ -203,7 +235,7 @@ class StopSignal:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -254,13 +286,31 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     plan = plan_run(cfg, tok.vocab_size, ctx.world_size)
     run.record_derived(**asdict(plan), tokenizer_dir=str(tokenizer_dir(cfg.tokenizer, cfg.paths)))
     N, B, T, accum = plan.num_iterations, plan.device_batch_size, plan.seq_len, plan.grad_accum
-    log.info("model d%d: width %d, %d heads, windows %s | %s params (%s scaling) | %.3g FLOPs/token",
-             plan.n_layer, plan.n_embd, plan.n_head, "".join("L" if w >= T else "S" for w in plan.windows),
-             f"{plan.params['total']:,}", f"{plan.scaling_params:,}", plan.flops_per_token)
-    log.info("batch %s tokens/step (LR x%.3f, Muon WD %.4f) = %d x %d x %d ranks x %d accumulation | %d steps | "
-             "%s tokens (%.1f tokens/param) | %.3g FLOPs", f"{plan.total_batch_size:,}", plan.batch_lr_scale,
-             plan.muon_weight_decay, B, T, ctx.world_size, accum, N, f"{plan.total_tokens:,}",
-             plan.tokens_per_param, plan.total_flops)
+    log.info(
+        "model d%d: width %d, %d heads, windows %s | %s params (%s scaling) | %.3g FLOPs/token",
+        plan.n_layer,
+        plan.n_embd,
+        plan.n_head,
+        "".join("L" if w >= T else "S" for w in plan.windows),
+        f"{plan.params['total']:,}",
+        f"{plan.scaling_params:,}",
+        plan.flops_per_token,
+    )
+    log.info(
+        "batch %s tokens/step (LR x%.3f, Muon WD %.4f) = %d x %d x %d ranks x %d accumulation | %d steps | "
+        "%s tokens (%.1f tokens/param) | %.3g FLOPs",
+        f"{plan.total_batch_size:,}",
+        plan.batch_lr_scale,
+        plan.muon_weight_decay,
+        B,
+        T,
+        ctx.world_size,
+        accum,
+        N,
+        f"{plan.total_tokens:,}",
+        plan.tokens_per_param,
+        plan.total_flops,
+    )
 
     # --- model and optimizer (identical init on every rank: same seed, no broadcast needed)
     backend = select_backend(cfg.model.attention_backend, device, dtype)
@@ -271,12 +321,25 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     n_fp8 = 0
     if policy.fp8:  # before compile: the compiled graph must see the Float8Linears
         n_fp8 = convert_to_fp8(model)
-    log.info("attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d", backend,
-             policy.dtype_name, policy.dtype_reason, policy.compile, n_fp8)
+    log.info(
+        "attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d",
+        backend,
+        policy.dtype_name,
+        policy.dtype_reason,
+        policy.compile,
+        n_fp8,
+    )
     run.record_derived(attention_backend=backend, fp8_linears=n_fp8)
     train_model = policy.compile_model(model)
-    optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
-                                compute_dtype=dtype, compile=policy.compile)
+    optimizer = build_optimizer(
+        model,
+        cfg.optim,
+        plan.n_embd,
+        plan.batch_lr_scale,
+        plan.muon_weight_decay,
+        compute_dtype=dtype,
+        compile=policy.compile,
+    )
     scaler = LossScaler(enabled=dtype == torch.float16)
     token_bytes = tok.token_bytes_tensor(device)
 
@@ -301,10 +364,13 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             ckpt.restore_rng_state(state["rng"][ctx.rank])
         else:
             other_ranks_loaders = state["loader"]
-            log.warning("checkpoint written by %d ranks, resuming on %d: model and optimizer resume exactly; the "
-                        "data stream continues after the furthest row group any old rank had read (nothing is "
-                        "read twice; their packing buffers and a few row groups per rank are skipped)",
-                        meta["world_size"], ctx.world_size)
+            log.warning(
+                "checkpoint written by %d ranks, resuming on %d: model and optimizer resume exactly; the "
+                "data stream continues after the furthest row group any old rank had read (nothing is "
+                "read twice; their packing buffers and a few row groups per rank are skipped)",
+                meta["world_size"],
+                ctx.world_size,
+            )
         log.info("resumed from %s at step %d", found, step)
     elif cfg.init_from:
         state = ckpt.load_checkpoint(ckpt.find_checkpoint(cfg.init_from), map_location=device, parts=("model",))
@@ -312,9 +378,18 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         model.load_state_dict(state["model"])
         log.info("initialized weights from %s", state["path"])
 
-    loader = make_loader([(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)], tok, B, T,
-                         rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
-                         threads=cfg.data.tokenizer_threads, state=loader_state)
+    loader = make_loader(
+        [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
+        tok,
+        B,
+        T,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=device,
+        buffer_size=cfg.data.doc_buffer,
+        threads=cfg.data.tokenizer_threads,
+        state=loader_state,
+    )
     if other_ranks_loaders is not None:
         loader.continue_after(other_ranks_loaders)
     if cfg.overfit_batches > 0:
@@ -323,26 +398,48 @@ def train(cfg: TrainConfig, run: Run) -> dict:
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
     sweep = (run.record().get("sweep") or {}) if ctx.is_main else {}
     group = Path(sweep["dir"]).name if sweep.get("dir") else None  # one wandb group per sweep
-    sinks = open_sinks(cfg.logger, run.path, run.resolved, cfg.run_name, group=group, is_main=ctx.is_main,
-                       resume_step=step if found is not None else None)
+    sinks = open_sinks(
+        cfg.logger,
+        run.path,
+        run.resolved,
+        cfg.run_name,
+        group=group,
+        is_main=ctx.is_main,
+        resume_step=step if found is not None else None,
+    )
     progress = ProgressReporter(N, is_main=ctx.is_main)
     start_step = step
     profiler = StepProfiler(run.path, ctx.rank, start_step + cfg.profile_start, cfg.profile_steps, device)
 
     def save(at: int) -> None:
         if not weights_finite():  # never let a checkpoint replace the last good one with inf/nan weights
-            raise NonFiniteLoss(f"the weights hold inf/nan at step {at} (an update overflowed); nothing was "
-                                f"saved; {last_good()}")
+            raise NonFiniteLoss(
+                f"the weights hold inf/nan at step {at} (an update overflowed); nothing was saved; {last_good()}"
+            )
         optim_state = optimizer.full_state_dict()  # collective
         loaders = ctx.all_gather_object(loader.state_dict(include_last_batch=True))  # (x, y) is prefetched
         rngs = ctx.all_gather_object(ckpt.capture_rng_state())
         if ctx.is_main:
-            meta = {"step": at, "world_size": ctx.world_size, "config_hash": config_hash(run.resolved),
-                    "model_config": asdict(cfg.model), "vocab_size": tok.vocab_size, "plan": asdict(plan),
-                    "loop": loop, "loss_scale": scaler.state_dict()}
-            path = ckpt.save_checkpoint(run.path, at, model_state=model.state_dict(), optim_state=optim_state,
-                                        loader_states=loaders, rng_states=rngs, meta=meta,
-                                        keep_last=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None)
+            meta = {
+                "step": at,
+                "world_size": ctx.world_size,
+                "config_hash": config_hash(run.resolved),
+                "model_config": asdict(cfg.model),
+                "vocab_size": tok.vocab_size,
+                "plan": asdict(plan),
+                "loop": loop,
+                "loss_scale": scaler.state_dict(),
+            }
+            path = ckpt.save_checkpoint(
+                run.path,
+                at,
+                model_state=model.state_dict(),
+                optim_state=optim_state,
+                loader_states=loaders,
+                rng_states=rngs,
+                meta=meta,
+                keep_last=cfg.keep_checkpoints if cfg.keep_checkpoints > 0 else None,
+            )
             log.info("checkpoint: %s", path)
         ctx.barrier()
 
@@ -373,9 +470,19 @@ def train(cfg: TrainConfig, run: Run) -> dict:
         # pad_last: a val split smaller than eval_tokens (the embedded one on many GPUs: 8 row
         # groups, about 200k tokens) is evaluated whole, its last batch padded with ignored targets,
         # instead of dropping every partial batch (on 8 GPUs at B=16, T=2048: all of them, bpb inf)
-        val = make_loader([([v], s.weight) for (_, v), s in zip(splits, cfg.data.sources)], tok, B, T,
-                          rank=ctx.rank, world_size=ctx.world_size, device=device, buffer_size=cfg.data.doc_buffer,
-                          threads=cfg.data.tokenizer_threads, infinite=False, pad_last=True)
+        val = make_loader(
+            [([v], s.weight) for (_, v), s in zip(splits, cfg.data.sources)],
+            tok,
+            B,
+            T,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=device,
+            buffer_size=cfg.data.doc_buffer,
+            threads=cfg.data.tokenizer_threads,
+            infinite=False,
+            pad_last=True,
+        )
         if n_fp8:  # nanochat evaluates in bf16: plain Linears sharing the weights, uncompiled (no recompiles)
             with fp8_disabled(model) as plain:
                 bpb = evaluate_bpb(plain, val, token_bytes, max_steps=eval_steps)
@@ -383,10 +490,16 @@ def train(cfg: TrainConfig, run: Run) -> dict:
             bpb = evaluate_bpb(train_model, val, token_bytes, max_steps=eval_steps)
         if val.drained and not val_short_reported:
             val_short_reported = True
-            log.info("val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d "
-                     "evaluated %d tokens of the %d asked of each rank); lower eval_tokens or add val data "
-                     "for a fixed-size evaluation", cfg.eval_tokens, ctx.rank, ctx.world_size,
-                     val.packer.tokens_out, eval_steps * B * T)
+            log.info(
+                "val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d "
+                "evaluated %d tokens of the %d asked of each rank); lower eval_tokens or add val data "
+                "for a fixed-size evaluation",
+                cfg.eval_tokens,
+                ctx.rank,
+                ctx.world_size,
+                val.packer.tokens_out,
+                eval_steps * B * T,
+            )
         loop["min_val_bpb"] = min(loop["min_val_bpb"], bpb)
         run.log_metrics(step=at, tokens=at * plan.total_batch_size, val_bpb=bpb)
         sinks.log({"val/bpb": bpb}, step=at)
@@ -435,9 +548,17 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                 lrm = lr_multiplier_from_config(cfg.schedule, step, N)
                 optimizer.set_hyperparameters(
                     lrm,
-                    muon_momentum(step, N, cfg.schedule.warmdown_ratio, cfg.optim.momentum_start, cfg.optim.momentum,
-                                  cfg.optim.momentum_warmup_steps, cfg.optim.momentum_end),
-                    muon_weight_decay(step, N, plan.muon_weight_decay))
+                    muon_momentum(
+                        step,
+                        N,
+                        cfg.schedule.warmdown_ratio,
+                        cfg.optim.momentum_start,
+                        cfg.optim.momentum,
+                        cfg.optim.momentum_warmup_steps,
+                        cfg.optim.momentum_end,
+                    ),
+                    muon_weight_decay(step, N, plan.muon_weight_decay),
+                )
                 finite_grads = scaler.unscale_and_check(params)
                 last_loss = loss.detach().item()  # the one host sync of the step
                 if not math.isfinite(last_loss):
@@ -463,13 +584,21 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                 beta = 0.9
                 loop["last_loss"] = last_loss
                 loop["smooth_loss"] = beta * loop["smooth_loss"] + (1 - beta) * last_loss
-                smooth = loop["smooth_loss"] / (1 - beta ** step)
+                smooth = loop["smooth_loss"] / (1 - beta**step)
                 tok_s = plan.total_batch_size / dt
                 util = mfu(plan.flops_per_token, tok_s, peak, ctx.world_size)
                 if step % cfg.log_every == 0 or step == N:
-                    row = {"step": step, "tokens": step * plan.total_batch_size, "loss": last_loss, "smooth_loss": smooth,
-                           "lrm": lrm, "dt_ms": 1000 * dt, "tok_per_s": tok_s, "mfu": util,
-                           "train_time_s": loop["train_time"]}
+                    row = {
+                        "step": step,
+                        "tokens": step * plan.total_batch_size,
+                        "loss": last_loss,
+                        "smooth_loss": smooth,
+                        "lrm": lrm,
+                        "dt_ms": 1000 * dt,
+                        "tok_per_s": tok_s,
+                        "mfu": util,
+                        "train_time_s": loop["train_time"],
+                    }
                     if device.type == "cuda":
                         row["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if dtype == torch.float16:
@@ -482,16 +611,29 @@ def train(cfg: TrainConfig, run: Run) -> dict:
                 if stop.agreed(ctx) or step == cfg.stop_at_step:
                     save(step)
                     if stop.signum is None:
-                        raise Preempted(f"stopped at stop_at_step={cfg.stop_at_step} with a checkpoint; run the same "
-                                        f"command again with hydra.run.dir={run.path} (resume=auto) to continue")
+                        raise Preempted(
+                            f"stopped at stop_at_step={cfg.stop_at_step} with a checkpoint; run the same "
+                            f"command again with hydra.run.dir={run.path} (resume=auto) to continue"
+                        )
                     requeue = stop.requeue_handler
-                    then = ("requeueing the job" if requeue else
-                            f"run the same command again with hydra.run.dir={run.path} (resume=auto) to continue")
-                    raise Preempted(f"stopped by {stop.describe()} after step {step} with a checkpoint; {then}",
-                                    signum=stop.signum, requeue=requeue)
-        final = {"steps": N, "tokens": N * plan.total_batch_size, "val_bpb": val_bpb,
-                 "min_val_bpb": loop["min_val_bpb"], "train_loss": last_loss,
-                 "train_time_s": round(loop["train_time"], 3)}
+                    then = (
+                        "requeueing the job"
+                        if requeue
+                        else f"run the same command again with hydra.run.dir={run.path} (resume=auto) to continue"
+                    )
+                    raise Preempted(
+                        f"stopped by {stop.describe()} after step {step} with a checkpoint; {then}",
+                        signum=stop.signum,
+                        requeue=requeue,
+                    )
+        final = {
+            "steps": N,
+            "tokens": N * plan.total_batch_size,
+            "val_bpb": val_bpb,
+            "min_val_bpb": loop["min_val_bpb"],
+            "train_loss": last_loss,
+            "train_time_s": round(loop["train_time"], 3),
+        }
         if device.type == "cuda":
             final["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         sinks.summary(final)

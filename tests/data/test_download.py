@@ -189,8 +189,9 @@ def test_retries_exhausted_keep_the_part_and_say_so(server, tmp_path):
 def test_checksum_mismatch_is_never_renamed(server, tmp_path):
     server.files["/a.bin"] = data = payload()
     with pytest.raises(DataError, match="sha256"):
-        download.download_file(server.url("/a.bin"), tmp_path / "a.bin", sha256="0" * 64, retries=2,
-                               sleep=lambda s: None)
+        download.download_file(
+            server.url("/a.bin"), tmp_path / "a.bin", sha256="0" * 64, retries=2, sleep=lambda s: None
+        )
     assert not (tmp_path / "a.bin").exists()
     good = hashlib.sha256(data).hexdigest()
     download.download_file(server.url("/a.bin"), tmp_path / "a.bin", sha256=good, retries=1)
@@ -209,10 +210,14 @@ def test_killed_download_leaves_only_a_part_that_is_resumed(server, tmp_path):
     server.files["/big.bin"] = data = payload(2_000_000)
     dest = tmp_path / "big.bin"
     part = tmp_path / "big.bin.part"
-    code = ("import sys; from chatlm.data.download import download_file; "
-            "download_file(sys.argv[1], sys.argv[2], retries=1, timeout=60)")
-    proc = subprocess.Popen([sys.executable, "-c", code, server.url("/big.bin"), str(dest)],
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")})
+    code = (
+        "import sys; from chatlm.data.download import download_file; "
+        "download_file(sys.argv[1], sys.argv[2], retries=1, timeout=60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, server.url("/big.bin"), str(dest)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")},
+    )
     try:
         deadline = time.monotonic() + 30
         while not (part.exists() and part.stat().st_size > 0):
@@ -244,10 +249,17 @@ def test_prepare_source_downloads_train_and_val_shards(server, tmp_path):
     for i in (0, 1, 2, 6542):
         server.files[f"/mirror/{shard_name(i)}"] = make_shard_bytes(tmp_path, i)
     sums = tmp_path / "SHA256SUMS"
-    sums.write_text("".join(f"{hashlib.sha256(b).hexdigest()}  {p.rsplit('/', 1)[1]}\n"
-                            for p, b in server.files.items()))
-    cfg = DataSourceConfig(kind=DataKind.climbmix, url=server.url("/mirror"), num_shards=2,
-                           sha256_manifest=str(sums), download_workers=3, wait_timeout_s=30)
+    sums.write_text(
+        "".join(f"{hashlib.sha256(b).hexdigest()}  {p.rsplit('/', 1)[1]}\n" for p, b in server.files.items())
+    )
+    cfg = DataSourceConfig(
+        kind=DataKind.climbmix,
+        url=server.url("/mirror"),
+        num_shards=2,
+        sha256_manifest=str(sums),
+        download_workers=3,
+        wait_timeout_s=30,
+    )
     paths = PathsConfig(data_dir=str(tmp_path / "data"))
     got = {}
     follower = threading.Thread(target=lambda: got.update(d=prepare_source(cfg, paths, rank_is_main=False)))
@@ -276,8 +288,9 @@ def test_prepare_source_reports_a_missing_shard(server, tmp_path):
 
 def test_default_urls_are_nanochats():
     cm, fw = download.REMOTE_SETS["climbmix"], download.REMOTE_SETS["fineweb_edu"]
-    assert cm.url(7) == ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/"
-                         "shard_00007.parquet")
+    assert cm.url(7) == (
+        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main/shard_00007.parquet"
+    )
     assert cm.total_shards == 6543 and cm.indices(2) == [0, 1, 6542] and len(cm.indices(-1)) == 6543
     assert fw.url(0).endswith("karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_00000.parquet")
     assert fw.indices(3) == [0, 1, 2, 1822]

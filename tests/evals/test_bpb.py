@@ -34,7 +34,7 @@ def make_model(seed: int = 0) -> GPT:
 def token_bytes_table() -> torch.Tensor:
     """Made-up byte lengths: 1..4 bytes, with some 0-byte ("special") ids, including id 0."""
     tb = torch.tensor([(i * 7) % 5 for i in range(VOCAB)], dtype=torch.int32)
-    tb[VOCAB - 3:] = 0
+    tb[VOCAB - 3 :] = 0
     assert (tb == 0).sum() > 3
     return tb
 
@@ -142,7 +142,7 @@ def test_two_rank_gloo_all_reduce_equals_union(tmp_path):
         files = [tmp_path / f"rank{r}.txt" for r in range(2)]
         if "SIGABRT" not in str(e) or not all(f.exists() for f in files):
             raise
-        warnings.warn(f"gloo teardown aborted after the work was done: {e}")
+        warnings.warn(f"gloo teardown aborted after the work was done: {e}", stacklevel=2)
     results = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(2)]
     assert results[0] == results[1]
     assert results[0] == pytest.approx(single, rel=1e-9)

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from chatlm.config import AttentionBackend, ConfigError
-from chatlm.model.attention import (KVCache, backend_unavailable_reason, cached_attention,
-                                    causal_attention, prepare_backend, select_backend, window_mask)
+from chatlm.model.attention import (
+    KVCache,
+    backend_unavailable_reason,
+    cached_attention,
+    causal_attention,
+    prepare_backend,
+    select_backend,
+    window_mask,
+)
 
 
 def reference_attention(q, k, v, window):
@@ -50,8 +57,11 @@ def _quiet_flex():
 
 def _qkv(B, Tq, Tk, H, Hkv, D, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Tq, H, D, generator=g), torch.randn(B, Tk, Hkv, D, generator=g),
-            torch.randn(B, Tk, Hkv, D, generator=g))
+    return (
+        torch.randn(B, Tq, H, D, generator=g),
+        torch.randn(B, Tk, Hkv, D, generator=g),
+        torch.randn(B, Tk, Hkv, D, generator=g),
+    )
 
 
 def test_window_mask_semantics():
@@ -102,8 +112,7 @@ def test_chunked_prefill_and_decode_with_cache(backend, window):
     B, T, H, Hkv, D = 2, 16, 4, 2, 8
     q, k, v = _qkv(B, T, T, H, Hkv, D, seed=2)
     full = reference_attention(q, k, v, window)
-    cache = KVCache(n_layer=2, batch_size=B, max_len=20, n_kv_head=Hkv, head_dim=D,
-                    dtype=torch.float32, device="cpu")
+    cache = KVCache(n_layer=2, batch_size=B, max_len=20, n_kv_head=Hkv, head_dim=D, dtype=torch.float32, device="cpu")
     outs = []
     for t0, t1 in [(0, 6), (6, 11)] + [(t, t + 1) for t in range(11, T)]:
         y = cached_attention(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cache, 1, window=window, backend=backend)

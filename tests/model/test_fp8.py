@@ -6,8 +6,7 @@ import torch
 import torch.nn as nn
 
 from chatlm.config import ModelConfig
-from chatlm.model import GPT
-from chatlm.model import fp8
+from chatlm.model import GPT, fp8
 from chatlm.model.gpt import Linear
 
 VOCAB = 500  # padded to 512
@@ -50,7 +49,7 @@ def test_zero_tensor_uses_eps_clamp():
     assert (t8.float() == 0).all()
 
 
-@pytest.mark.parametrize("dtype, tol", [(fp8.E4M3, 2 ** -4), (fp8.E5M2, 2 ** -3)])
+@pytest.mark.parametrize("dtype, tol", [(fp8.E4M3, 2**-4), (fp8.E5M2, 2**-3)])
 def test_quantize_roundtrip_error_and_saturation(dtype, tol):
     torch.manual_seed(0)
     x = torch.randn(256, 64)
@@ -59,7 +58,7 @@ def test_quantize_roundtrip_error_and_saturation(dtype, tol):
     # the max element maps exactly onto fp8_max (in range, no overflow to inf/nan)
     assert t8.float().abs().max().item() == fp8.fp8_max(dtype)
     back = fp8.dequantize(t8, inv)
-    normal = x.abs() > x.abs().max() * 2 ** -6  # away from the subnormal range
+    normal = x.abs() > x.abs().max() * 2**-6  # away from the subnormal range
     assert ((back - x).abs()[normal] / x.abs()[normal]).max().item() <= tol + 1e-6
     assert rel_err(back, x) < tol / 2
 
@@ -111,8 +110,9 @@ def test_strict_reference_rejects_bad_layouts():
         fp8.strict_reference_scaled_mm(a8, b8, ia, ib, torch.float32, True)
     g8, ig = fp8.quantize(torch.randn(32, 64), fp8.E5M2)
     with pytest.raises(AssertionError, match="e5m2"):
-        fp8.strict_reference_scaled_mm(g8, fp8.quantize(torch.randn(64, 32), fp8.E5M2)[0].t().contiguous().t(),
-                                       ig, ig, torch.float32, True)
+        fp8.strict_reference_scaled_mm(
+            g8, fp8.quantize(torch.randn(64, 32), fp8.E5M2)[0].t().contiguous().t(), ig, ig, torch.float32, True
+        )
 
 
 def test_saves_only_fp8_tensors_and_scales():
@@ -126,8 +126,9 @@ def test_saves_only_fp8_tensors_and_scales():
     w = torch.randn(128, 256, requires_grad=True)
     with fp8.use_matmul(fp8.reference_scaled_mm), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fp8.Fp8Matmul.apply(x, w)
-    assert sorted(saved, key=str) == sorted([(fp8.E4M3, x.numel()), (torch.float32, 1),
-                                             (fp8.E4M3, w.numel()), (torch.float32, 1)], key=str)
+    assert sorted(saved, key=str) == sorted(
+        [(fp8.E4M3, x.numel()), (torch.float32, 1), (fp8.E4M3, w.numel()), (torch.float32, 1)], key=str
+    )
 
 
 def test_matmul_choice_is_restored():
@@ -157,8 +158,11 @@ def test_convert_d4_picks_the_large_linears():
     n = fp8.convert_to_fp8(model)
     assert n == 6 * L + 1 == 25  # q, k, v, attn proj, fc, mlp proj per layer + lm_head
     converted = {name for name, m in model.named_modules() if isinstance(m, fp8.Float8Linear)}
-    expected = {f"blocks.{i}.{s}" for i in range(L)
-                for s in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} | {"lm_head"}
+    expected = {
+        f"blocks.{i}.{s}"
+        for i in range(L)
+        for s in ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    } | {"lm_head"}
     assert converted == expected
     # gates stay plain Linears
     assert type(model.smear_gate) is Linear

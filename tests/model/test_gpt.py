@@ -14,8 +14,7 @@ VOCAB = 100  # padded to 128: exercises the slice back to V
 
 
 def tiny_config(**kw) -> ModelConfig:
-    base = dict(name="tiny", depth=4, aspect_ratio=32, head_dim=32, n_kv_head=2, sequence_len=32,
-                short_window=8)
+    base = dict(name="tiny", depth=4, aspect_ratio=32, head_dim=32, n_kv_head=2, sequence_len=32, short_window=8)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -150,7 +149,7 @@ def _greedy_matches_full_forward(model: GPT, prompt_chunks, steps=8):
         for chunk in prompt_chunks:
             logits = model(chunk, kv_cache=cache)
         assert cache.pos == seq.size(1)
-        torch.testing.assert_close(logits, model(seq)[:, -chunk.size(1):], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, model(seq)[:, -chunk.size(1) :], atol=1e-4, rtol=1e-4)
         for _ in range(steps):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], dim=1)
@@ -221,7 +220,7 @@ def test_bf16_forward_close_to_fp32_and_disabled_features():
     m32 = perturb(make_model())
     m16 = make_model(dtype=torch.bfloat16)
     with torch.no_grad():
-        for (n, p16), p32 in zip(m16.named_parameters(), m32.parameters()):
+        for p16, p32 in zip(m16.parameters(), m32.parameters()):
             p16.copy_(p32.to(p16.dtype))
     idx = torch.randint(0, VOCAB, (2, 16))
     l32, l16 = m32(idx), m16(idx)

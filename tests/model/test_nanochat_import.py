@@ -34,9 +34,15 @@ def tiny_model(seed=0, **kw) -> GPT:
 
 def nanochat_config(model: GPT) -> dict:
     d = model.dims
-    return {"sequence_len": d.sequence_len, "vocab_size": d.vocab_size, "n_layer": d.n_layer,
-            "n_head": d.n_head, "n_kv_head": d.n_kv_head, "n_embd": d.n_embd,
-            "window_pattern": model.config.window_pattern}
+    return {
+        "sequence_len": d.sequence_len,
+        "vocab_size": d.vocab_size,
+        "n_layer": d.n_layer,
+        "n_head": d.n_head,
+        "n_kv_head": d.n_kv_head,
+        "n_embd": d.n_embd,
+        "window_pattern": model.config.window_pattern,
+    }
 
 
 def write_nanochat(dirpath, model: GPT, step=10, config=None, state=None, bf16_embeddings=True):
@@ -48,8 +54,14 @@ def write_nanochat(dirpath, model: GPT, step=10, config=None, state=None, bf16_e
             state = {k: (v.to(torch.bfloat16) if "wte" in k or "value_embeds" in k else v) for k, v in state.items()}
         state = {"_orig_mod." + k: v for k, v in state.items()}
     torch.save(state, dirpath / f"model_{step:06d}.pt")
-    meta = {"step": step, "val_bpb": 1.23, "model_config": config or nanochat_config(model),
-            "user_config": {"depth": model.dims.n_layer}, "device_batch_size": 4, "max_seq_len": 512}
+    meta = {
+        "step": step,
+        "val_bpb": 1.23,
+        "model_config": config or nanochat_config(model),
+        "user_config": {"depth": model.dims.n_layer},
+        "device_batch_size": 4,
+        "max_seq_len": 512,
+    }
     (dirpath / f"meta_{step:06d}.json").write_text(json.dumps(meta))
     return state
 
@@ -57,9 +69,19 @@ def write_nanochat(dirpath, model: GPT, step=10, config=None, state=None, bf16_e
 def test_state_dict_names_are_nanochats():
     model = tiny_model()
     names = set(ni.to_nanochat_state_dict(model.state_dict()))
-    assert {"transformer.wte.weight", "transformer.h.0.attn.c_q.weight", "transformer.h.3.mlp.c_proj.weight",
-            "transformer.h.1.attn.ve_gate.weight", "value_embeds.3.weight", "lm_head.weight", "resid_lambdas",
-            "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda"} <= names
+    assert {
+        "transformer.wte.weight",
+        "transformer.h.0.attn.c_q.weight",
+        "transformer.h.3.mlp.c_proj.weight",
+        "transformer.h.1.attn.ve_gate.weight",
+        "value_embeds.3.weight",
+        "lm_head.weight",
+        "resid_lambdas",
+        "x0_lambdas",
+        "smear_gate.weight",
+        "smear_lambda",
+        "backout_lambda",
+    } <= names
     assert not any(k.startswith("blocks.") for k in names)
     for k in model.state_dict():
         assert ni.chatlm_key(ni.nanochat_key(k)) == k
@@ -145,8 +167,11 @@ def test_unknown_and_missing_keys_are_named(tmp_path):
 
 def test_pre_value_embedding_checkpoint_fails(tmp_path):
     model = tiny_model()
-    state = {k: v for k, v in ni.to_nanochat_state_dict(model.state_dict()).items()
-             if "value_embeds" not in k and "ve_gate" not in k and "smear" not in k and "backout" not in k}
+    state = {
+        k: v
+        for k, v in ni.to_nanochat_state_dict(model.state_dict()).items()
+        if "value_embeds" not in k and "ve_gate" not in k and "smear" not in k and "backout" not in k
+    }
     write_nanochat(tmp_path / "jan", model, state=state)
     with pytest.raises(ni.NanochatImportError, match="missing key.*value_embeds.1.weight"):
         ni.import_nanochat(tmp_path / "jan", tmp_path / "out")
@@ -156,8 +181,9 @@ def test_shape_mismatch_is_named(tmp_path):
     model = tiny_model()
     cfg = dict(nanochat_config(model), vocab_size=300)  # tables are 128 rows, config says 320
     write_nanochat(tmp_path / "v", model, config=cfg)
-    with pytest.raises(ni.NanochatImportError,
-                       match=r"transformer.wte.weight has shape \(128, 64\), expected \(320, 64\)"):
+    with pytest.raises(
+        ni.NanochatImportError, match=r"transformer.wte.weight has shape \(128, 64\), expected \(320, 64\)"
+    ):
         ni.import_nanochat(tmp_path / "v", tmp_path / "out")
 
 
@@ -171,16 +197,23 @@ def test_not_a_checkpoint_dir(tmp_path):
         ni.import_nanochat(tmp_path, tmp_path / "out", step=7)
 
 
-@pytest.mark.parametrize("nc, expect", [
-    # nanochat d24: C=1536, 12 heads of 128
-    (dict(n_layer=24, n_embd=1536, n_head=12, n_kv_head=12),
-     dict(depth=24, aspect_ratio=64, head_dim=128, n_kv_head=None)),
-    # odd depth, width rounded up to the head dim (d25 -> 1664, 13 heads)
-    (dict(n_layer=25, n_embd=1664, n_head=13, n_kv_head=13),
-     dict(depth=25, aspect_ratio=66, head_dim=128, n_kv_head=None)),
-    # hand-written GQA config, width not a multiple of depth
-    (dict(n_layer=5, n_embd=64, n_head=4, n_kv_head=2), dict(depth=5, aspect_ratio=12, head_dim=16, n_kv_head=2)),
-])
+@pytest.mark.parametrize(
+    "nc, expect",
+    [
+        # nanochat d24: C=1536, 12 heads of 128
+        (
+            dict(n_layer=24, n_embd=1536, n_head=12, n_kv_head=12),
+            dict(depth=24, aspect_ratio=64, head_dim=128, n_kv_head=None),
+        ),
+        # odd depth, width rounded up to the head dim (d25 -> 1664, 13 heads)
+        (
+            dict(n_layer=25, n_embd=1664, n_head=13, n_kv_head=13),
+            dict(depth=25, aspect_ratio=66, head_dim=128, n_kv_head=None),
+        ),
+        # hand-written GQA config, width not a multiple of depth
+        (dict(n_layer=5, n_embd=64, n_head=4, n_kv_head=2), dict(depth=5, aspect_ratio=12, head_dim=16, n_kv_head=2)),
+    ],
+)
 def test_config_mapping(nc, expect):
     full = dict(sequence_len=2048, vocab_size=32768, window_pattern="SSSL", **nc)
     cfg = ni.model_config_from_nanochat(full)
@@ -190,7 +223,12 @@ def test_config_mapping(nc, expect):
 
     d = derive_dims(cfg)
     assert (d.n_layer, d.n_embd, d.n_head, d.n_kv_head, d.short_window) == (
-        nc["n_layer"], nc["n_embd"], nc["n_head"], nc["n_kv_head"], 512)
+        nc["n_layer"],
+        nc["n_embd"],
+        nc["n_head"],
+        nc["n_kv_head"],
+        512,
+    )
 
 
 def test_config_mapping_errors():
@@ -207,6 +245,7 @@ def test_config_mapping_errors():
 
 def test_short_window_for_odd_sequence_len():
     # nanochat floors T/4 first: T=2049 -> 512, where ceil(T/512)*128 would give 640
-    cfg = ni.model_config_from_nanochat(dict(sequence_len=2049, vocab_size=64, window_pattern="SL", n_layer=2,
-                                             n_embd=256, n_head=2, n_kv_head=2))
+    cfg = ni.model_config_from_nanochat(
+        dict(sequence_len=2049, vocab_size=64, window_pattern="SL", n_layer=2, n_embd=256, n_head=2, n_kv_head=2)
+    )
     assert cfg.short_window == 512

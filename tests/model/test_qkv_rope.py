@@ -10,8 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from chatlm.model.qkv_rope import (qkv_rope, qkv_rope_backward_torch, qkv_rope_forward_torch, qkv_rope_op,
-                                   qkv_rope_torch)
+from chatlm.model.qkv_rope import qkv_rope, qkv_rope_backward_torch, qkv_rope_forward_torch, qkv_rope_op, qkv_rope_torch
 
 
 def rope_tables(T: int, D: int, dtype=torch.float32):
@@ -72,7 +71,7 @@ def test_outputs_are_new_tensors_even_for_a_single_token():
     qkv, _, cos, sin, _ = inputs(B=1, T=1, extra=False)
     q, k, v = qkv_rope(qkv, cos, sin, None, 4, 2, 1.2)
     assert v.data_ptr() != qkv.data_ptr() + 6 * 16 * qkv.element_size()
-    torch.testing.assert_close(v.flatten(), qkv.flatten()[6 * 16:])
+    torch.testing.assert_close(v.flatten(), qkv.flatten()[6 * 16 :])
 
 
 def test_backward_takes_strided_gradients_like_flex_attention_gives():
@@ -86,7 +85,9 @@ def test_backward_takes_strided_gradients_like_flex_attention_gives():
     assert torch.equal(a, b)
     # the rstds are those of the raw q and k heads
     D = 16
-    torch.testing.assert_close(rq, qkv[..., :4 * D].unflatten(-1, (4, D)).pow(2).mean(-1).add(1.1920928955078125e-07).rsqrt())
+    torch.testing.assert_close(
+        rq, qkv[..., : 4 * D].unflatten(-1, (4, D)).pow(2).mean(-1).add(1.1920928955078125e-07).rsqrt()
+    )
 
 
 def test_op_compiles_whole_and_refuses_double_backward():
@@ -163,7 +164,7 @@ def test_triton_kernels_in_the_interpreter_match_autograd(triton_interpreter):
     assert len(results) == 5
     for key, r in results.items():
         # bf16: inputs and outputs are rounded to 8 bits; fp32: only the order of operations differs
-        tol = 2 ** -7 if "bfloat16" in key else 1e-5
+        tol = 2**-7 if "bfloat16" in key else 1e-5
         assert r["fwd"] <= tol * r["fwd_scale"], (key, r)
         assert r["bwd"] <= tol * r["bwd_scale"] * 2, (key, r)
         assert r["bwd_scale"] > 0.1 and r["dtypes"] and r["contiguous"], (key, r)

@@ -41,8 +41,12 @@ def test_param_counts_match_spec_table(depth):
 def test_d24_breakdown():
     counts = meta_model(24).num_params()
     assert counts == {
-        "wte": 50_331_648, "lm_head": 50_331_648, "value_embeds": 603_979_776,
-        "transformer_matrices": 679_478_976, "scalars": 74, "total": 1_384_122_122,
+        "wte": 50_331_648,
+        "lm_head": 50_331_648,
+        "value_embeds": 603_979_776,
+        "transformer_matrices": 679_478_976,
+        "scalars": 74,
+        "total": 1_384_122_122,
     }
 
 
@@ -101,17 +105,20 @@ def _mutated(**changes) -> ModelConfig:
     return cfg
 
 
-@pytest.mark.parametrize("changes, key", [
-    ({"n_kv_head": 3}, "model.n_kv_head"),          # 4 heads, 3 kv heads
-    ({"n_kv_head": 8}, "model.n_kv_head"),
-    ({"short_window": 65}, "model.short_window"),   # window > sequence_len
-    ({"head_dim": 33}, "model.head_dim"),
-    ({"window_pattern": "SXL"}, "model.window_pattern"),
-    ({"backout_layer": 4}, "model.backout_layer"),
-    ({"smear_channels": 1000}, "model.smear_channels"),
-    ({"ve_gate_channels": 1000}, "model.ve_gate_channels"),
-    ({"depth": 0}, "model.depth"),
-])
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"n_kv_head": 3}, "model.n_kv_head"),  # 4 heads, 3 kv heads
+        ({"n_kv_head": 8}, "model.n_kv_head"),
+        ({"short_window": 65}, "model.short_window"),  # window > sequence_len
+        ({"head_dim": 33}, "model.head_dim"),
+        ({"window_pattern": "SXL"}, "model.window_pattern"),
+        ({"backout_layer": 4}, "model.backout_layer"),
+        ({"smear_channels": 1000}, "model.smear_channels"),
+        ({"ve_gate_channels": 1000}, "model.ve_gate_channels"),
+        ({"depth": 0}, "model.depth"),
+    ],
+)
 def test_config_errors_name_the_key(changes, key):
     with pytest.raises(ConfigError) as err:
         derive_dims(_mutated(**changes), 100)

@@ -9,10 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from chatlm.config import ModelConfig
-from chatlm.model import GPT
-from chatlm.model import fp8
-from chatlm.model.softcap_ce import (fused_softcap_ce, linear_softcap_ce, plain_softcap_ce, softcap_ce,
-                                     softcap_ce_rows_torch)
+from chatlm.model import GPT, fp8
+from chatlm.model.softcap_ce import (
+    fused_softcap_ce,
+    linear_softcap_ce,
+    plain_softcap_ce,
+    softcap_ce,
+    softcap_ce_rows_torch,
+)
 
 VOCAB, PADDED = 1000, 1024
 
@@ -262,7 +266,7 @@ def test_triton_kernel_in_the_interpreter_matches_the_torch_rows(triton_interpre
     for key, r in results.items():
         assert r["loss"] < 1e-4, key
         bf16 = "bfloat16" in key
-        assert r["grad"] <= (2 ** -8 * r["grad_scale"] if bf16 else 1e-6), key
+        assert r["grad"] <= (2**-8 * r["grad_scale"] if bf16 else 1e-6), key
         assert r["pad_zero"] and r["ignored_zero"] and r["separate_equal"] and r["neighbours_untouched"], key
 
 

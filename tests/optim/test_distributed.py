@@ -11,9 +11,9 @@ import os
 import socket
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 import torch.multiprocessing as mp
 
 from chatlm.optim import MuonAdamW
@@ -29,12 +29,28 @@ def make_params():
 
 
 def make_optimizer(params):
-    return MuonAdamW([
-        {"kind": "adamw", "params": params[0:2], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.01},
-        {"kind": "adamw", "params": params[2:4], "lr": 0.05, "betas": (0.96, 0.95), "eps": 1e-10, "weight_decay": 0.0},
-        {"kind": "muon", "params": params[4:7], "lr": 0.02, "momentum": 0.9, "weight_decay": 0.1},
-        {"kind": "muon", "params": params[7:9], "lr": 0.02, "momentum": 0.9, "weight_decay": 0.1},
-    ])
+    return MuonAdamW(
+        [
+            {
+                "kind": "adamw",
+                "params": params[0:2],
+                "lr": 0.01,
+                "betas": (0.8, 0.95),
+                "eps": 1e-10,
+                "weight_decay": 0.01,
+            },
+            {
+                "kind": "adamw",
+                "params": params[2:4],
+                "lr": 0.05,
+                "betas": (0.96, 0.95),
+                "eps": 1e-10,
+                "weight_decay": 0.0,
+            },
+            {"kind": "muon", "params": params[4:7], "lr": 0.02, "momentum": 0.9, "weight_decay": 0.1},
+            {"kind": "muon", "params": params[7:9], "lr": 0.02, "momentum": 0.9, "weight_decay": 0.1},
+        ]
+    )
 
 
 def rank_grads(step, rank):
@@ -71,9 +87,11 @@ def _worker(rank, world, port, tmpdir):
             if step == RESUME_AFTER:
                 full = opt.full_state_dict()  # collective
         # sharded per-rank layout: padded AdamW rows and ceil(K/W) Muon matrices per rank
-        local = {"adam_odd": tuple(opt.state[params[0]]["exp_avg"].shape),
-                 "adam_small": tuple(opt.state[params[2]]["exp_avg"].shape),
-                 "muon3": tuple(opt.state[params[4]]["momentum_buffer"].shape)}
+        local = {
+            "adam_odd": tuple(opt.state[params[0]]["exp_avg"].shape),
+            "adam_small": tuple(opt.state[params[2]]["exp_avg"].shape),
+            "muon3": tuple(opt.state[params[4]]["momentum_buffer"].shape),
+        }
         # 1 -> W: resume from the state the single-process reference saved after RESUME_AFTER
         ref = torch.load(os.path.join(tmpdir, "w1.pt"))  # written by the test before spawning
         params2 = [torch.nn.Parameter(t.clone()) for t in ref["params"]]
@@ -82,8 +100,10 @@ def _worker(rank, world, port, tmpdir):
         set_grads(params2, rank_grads(RESUME_AFTER + 1, rank))
         opt2.step()
         if rank == 0:
-            torch.save({"history": history, "full": full, "local": local, "resumed": snapshot(params2)},
-                       os.path.join(tmpdir, "wN.pt"))
+            torch.save(
+                {"history": history, "full": full, "local": local, "resumed": snapshot(params2)},
+                os.path.join(tmpdir, "wN.pt"),
+            )
     finally:
         dist.barrier()  # no rank tears gloo down while another is still using it
         open(os.path.join(tmpdir, f"done{rank}"), "w").close()  # the work is over; only teardown is left
@@ -100,7 +120,7 @@ def spawn_tolerating_teardown_abort(fn, world, args, tmpdir) -> None:
         done = all(os.path.exists(os.path.join(tmpdir, f"done{r}")) for r in range(world))
         if not (done and e.signal_name == "SIGABRT"):
             raise
-        warnings.warn(f"a rank aborted in gloo teardown after finishing its work: {e}")
+        warnings.warn(f"a rank aborted in gloo teardown after finishing its work: {e}", stacklevel=2)
 
 
 def _free_port():
@@ -111,8 +131,10 @@ def _free_port():
 
 # per-rank state shapes: 33 AdamW rows padded to ceil(33/W) per rank, the 7-vector all-reduced (not
 # sharded), ceil(3/W) Muon matrices per rank
-LOCAL_SHAPES = {2: {"adam_odd": (17, 40), "adam_small": (7,), "muon3": (2, 6, 4)},
-                4: {"adam_odd": (9, 40), "adam_small": (7,), "muon3": (1, 6, 4)}}
+LOCAL_SHAPES = {
+    2: {"adam_odd": (17, 40), "adam_small": (7,), "muon3": (2, 6, 4)},
+    4: {"adam_odd": (9, 40), "adam_small": (7,), "muon3": (1, 6, 4)},
+}
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -20,12 +20,12 @@ COEFFS = [
 def reference_muon_step(p, g, buf, s, lr, mu, wd, beta2, row_eq=True, plus=True, cautious=True):
     """One Muon step on one matrix, a line per sentence of the spec. Returns (p, buf, s)."""
     rows, cols = p.shape
-    buf = mu * buf + (1 - mu) * g                       # 1. momentum
-    u = (1 - mu) * g + mu * buf                         #    Nesterov-style look-ahead
-    if row_eq:                                          # 3. MuonEq
+    buf = mu * buf + (1 - mu) * g  # 1. momentum
+    u = (1 - mu) * g + mu * buf  #    Nesterov-style look-ahead
+    if row_eq:  # 3. MuonEq
         row_norms = torch.clamp(u.norm(dim=1, keepdim=True), min=1e-6)
         u = u / row_norms * (u.norm() / math.sqrt(rows))
-    x = u / (1.01 * u.norm() + 1e-6)                    # 4. Polar Express
+    x = u / (1.01 * u.norm() + 1e-6)  # 4. Polar Express
     for a, b, c in COEFFS:
         if rows <= cols:
             A = x @ x.T
@@ -33,13 +33,13 @@ def reference_muon_step(p, g, buf, s, lr, mu, wd, beta2, row_eq=True, plus=True,
         else:
             A = x.T @ x
             x = a * x + x @ (b * A + c * A @ A)
-    if plus:                                            # 5. Muon+
+    if plus:  # 5. Muon+
         x = x * math.sqrt(min(rows, cols)) / x.norm()
-    v_mean = (x ** 2).mean(dim=1, keepdim=True) if rows >= cols else (x ** 2).mean(dim=0, keepdim=True)
-    s = beta2 * s + (1 - beta2) * v_mean                # 6. NorMuon
+    v_mean = (x**2).mean(dim=1, keepdim=True) if rows >= cols else (x**2).mean(dim=0, keepdim=True)
+    s = beta2 * s + (1 - beta2) * v_mean  # 6. NorMuon
     y = x / torch.sqrt(torch.clamp(s, min=1e-10))
     y = y * (x.norm() / y.norm())
-    lr_eff = lr * math.sqrt(max(1.0, rows / cols))      # 7. cautious WD + update
+    lr_eff = lr * math.sqrt(max(1.0, rows / cols))  # 7. cautious WD + update
     mask = (y * p >= 0).float() if cautious else torch.ones_like(p)
     p = p - lr_eff * y - lr_eff * wd * p * mask
     return p, buf, s
@@ -55,8 +55,21 @@ def test_muon_matches_reference(shape, flags):
     row_eq, plus, cautious = flags
     k = 3
     params = [torch.nn.Parameter(_randn(shape, i)) for i in range(k)]
-    opt = MuonAdamW([{"kind": "muon", "params": params, "lr": 0.02, "momentum": 0.9, "weight_decay": 0.2,
-                      "beta2": 0.9, "row_equalize": row_eq, "muon_plus": plus, "cautious_wd": cautious}])
+    opt = MuonAdamW(
+        [
+            {
+                "kind": "muon",
+                "params": params,
+                "lr": 0.02,
+                "momentum": 0.9,
+                "weight_decay": 0.2,
+                "beta2": 0.9,
+                "row_equalize": row_eq,
+                "muon_plus": plus,
+                "cautious_wd": cautious,
+            }
+        ]
+    )
     ref = [p.detach().clone() for p in params]
     bufs = [torch.zeros(shape) for _ in range(k)]
     second = [torch.zeros((shape[0], 1) if shape[0] >= shape[1] else (1, shape[1])) for _ in range(k)]
@@ -64,8 +77,9 @@ def test_muon_matches_reference(shape, flags):
         opt.param_groups[0]["momentum"] = mu
         for i, p in enumerate(params):
             p.grad = _randn(shape, 100 * step + i)
-            ref[i], bufs[i], second[i] = reference_muon_step(ref[i], p.grad, bufs[i], second[i], 0.02, mu, 0.2,
-                                                             0.9, row_eq, plus, cautious)
+            ref[i], bufs[i], second[i] = reference_muon_step(
+                ref[i], p.grad, bufs[i], second[i], 0.02, mu, 0.2, 0.9, row_eq, plus, cautious
+            )
         opt.step()
         for p, r in zip(params, ref):
             torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
@@ -80,8 +94,9 @@ def test_muon_bf16_compute_is_close_to_fp32():
     results = []
     for dtype in (None, torch.bfloat16):
         params = [torch.nn.Parameter(_randn(shape, i)) for i in range(k)]
-        opt = MuonAdamW([{"kind": "muon", "params": params, "lr": 0.02, "momentum": 0.95, "weight_decay": 0.0}],
-                        compute_dtype=dtype)
+        opt = MuonAdamW(
+            [{"kind": "muon", "params": params, "lr": 0.02, "momentum": 0.95, "weight_decay": 0.0}], compute_dtype=dtype
+        )
         for p in params:
             p.grad = _randn(shape, 7)
         before = [p.detach().clone() for p in params]
@@ -102,8 +117,7 @@ def _adamw_pair(dtype=torch.float32):
 @pytest.mark.parametrize("betas,eps,wd", [((0.8, 0.95), 1e-10, 0.05), ((0.9, 0.999), 1e-8, 0.0)])
 def test_adamw_matches_torch(betas, eps, wd):
     ours, theirs = _adamw_pair()
-    opt = MuonAdamW([{"kind": "adamw", "params": ours, "lr": 0.01, "betas": betas, "eps": eps,
-                      "weight_decay": wd}])
+    opt = MuonAdamW([{"kind": "adamw", "params": ours, "lr": 0.01, "betas": betas, "eps": eps, "weight_decay": wd}])
     ref = torch.optim.AdamW(theirs, lr=0.01, betas=betas, eps=eps, weight_decay=wd)
     for step in range(5):
         lr = 0.01 * (step + 1) / 5  # the loop changes lr every step
@@ -124,8 +138,9 @@ def test_adamw_matches_torch(betas, eps, wd):
 
 def test_adamw_bf16_params_keep_bf16_state():
     ours, theirs = _adamw_pair(torch.bfloat16)
-    opt = MuonAdamW([{"kind": "adamw", "params": ours, "lr": 0.01, "betas": (0.8, 0.995), "eps": 1e-10,
-                      "weight_decay": 0.001}])
+    opt = MuonAdamW(
+        [{"kind": "adamw", "params": ours, "lr": 0.01, "betas": (0.8, 0.995), "eps": 1e-10, "weight_decay": 0.001}]
+    )
     ref = torch.optim.AdamW(theirs, lr=0.01, betas=(0.8, 0.995), eps=1e-10, weight_decay=0.001)
     for step in range(3):
         for i, (a, b) in enumerate(zip(ours, theirs)):
@@ -140,8 +155,10 @@ def test_adamw_bf16_params_keep_bf16_state():
 
 def test_update_functions_accept_tensor_hyperparameters():
     """The compile path passes 0-D CPU tensors instead of floats; results must not change."""
+
     def t(x):
         return torch.tensor(x, dtype=torch.float32)
+
     p, g = _randn((6, 4), 0), _randn((6, 4), 1)
     outs = []
     for conv in (float, t):
@@ -163,9 +180,12 @@ def test_mixed_groups_and_validation():
         MuonAdamW([{"params": [a], "lr": 0.1}])
     with pytest.raises(ValueError, match="missing"):
         MuonAdamW([{"kind": "adamw", "params": [a], "lr": 0.1}])
-    opt = MuonAdamW([{"kind": "adamw", "params": [b], "lr": 0.1, "betas": (0.8, 0.95), "eps": 1e-10,
-                      "weight_decay": 0.0},
-                     {"kind": "muon", "params": [a], "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}])
+    opt = MuonAdamW(
+        [
+            {"kind": "adamw", "params": [b], "lr": 0.1, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0},
+            {"kind": "muon", "params": [a], "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+        ]
+    )
     assert opt.param_groups[1]["ns_steps"] == 5 and opt.param_groups[1]["initial_lr"] == 0.1
     opt.set_hyperparameters(0.5, muon_momentum=0.97, muon_weight_decay=0.01)
     assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05]
@@ -183,9 +203,12 @@ def test_full_state_dict_round_trip_single_process():
     def make():
         ps = [torch.nn.Parameter(_randn((40, 30), 0)), torch.nn.Parameter(_randn((5,), 1))]
         ms = [torch.nn.Parameter(_randn((6, 4), 2 + i)) for i in range(3)]
-        return ps + ms, MuonAdamW([
-            {"kind": "adamw", "params": ps, "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.1},
-            {"kind": "muon", "params": ms, "lr": 0.02, "momentum": 0.95, "weight_decay": 0.1}])
+        return ps + ms, MuonAdamW(
+            [
+                {"kind": "adamw", "params": ps, "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.1},
+                {"kind": "muon", "params": ms, "lr": 0.02, "momentum": 0.95, "weight_decay": 0.1},
+            ]
+        )
 
     def step(params, opt, seed):
         for i, p in enumerate(params):

@@ -43,8 +43,18 @@ def test_routing_order_and_hyperparameters():
     model, cfg = FakeGPT(), OptimConfig()
     groups = build_param_groups(model, cfg, model_dim=C, batch_lr_scale=2.0)
     names = [g["name"] for g in groups]
-    assert names == ["lm_head", "wte", "value_embeds", "resid_lambdas", "x0_lambdas", "gates",
-                     "muon_2x12", "muon_32x32", "muon_32x128", "muon_128x32"]
+    assert names == [
+        "lm_head",
+        "wte",
+        "value_embeds",
+        "resid_lambdas",
+        "x0_lambdas",
+        "gates",
+        "muon_2x12",
+        "muon_32x32",
+        "muon_32x128",
+        "muon_128x32",
+    ]
     by = {g["name"]: g for g in groups}
     dms = (C / 768) ** -0.5
     assert by["lm_head"]["lr"] == pytest.approx(0.008 * dms * 2)
@@ -69,8 +79,9 @@ def test_routing_order_and_hyperparameters():
 
 
 def test_optional_features_and_errors():
-    groups = build_param_groups(FakeGPT(value_embeds=False, smear=False, backout=False), OptimConfig(), C, 1.0,
-                                muon_weight_decay=0.06)
+    groups = build_param_groups(
+        FakeGPT(value_embeds=False, smear=False, backout=False), OptimConfig(), C, 1.0, muon_weight_decay=0.06
+    )
     assert [g["name"] for g in groups][:4] == ["lm_head", "wte", "resid_lambdas", "x0_lambdas"]
     assert all(g["weight_decay"] == 0.06 for g in groups if g["kind"] == "muon")
     model = FakeGPT()

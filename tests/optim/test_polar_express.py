@@ -51,7 +51,7 @@ def test_stack_is_processed_matrix_by_matrix():
     xs = torch.stack([_matrix(12, 6, seed=s)[0] * (s + 1) for s in range(3)])
     stacked = polar_express(xs)
     for i in range(3):
-        torch.testing.assert_close(stacked[i], polar_express(xs[i:i + 1])[0])
+        torch.testing.assert_close(stacked[i], polar_express(xs[i : i + 1])[0])
 
 
 def test_bfloat16_stays_in_band():

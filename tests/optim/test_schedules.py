@@ -16,8 +16,14 @@ from chatlm.optim import (
     num_iterations,
 )
 
-N_D12, N_D16, N_D20, N_D24, N_D26, N_D32 = (110_100_912, 234_881_792, 435_160_240, 729_810_624,
-                                            918_423_532, 1_677_724_672)
+N_D12, N_D16, N_D20, N_D24, N_D26, N_D32 = (
+    110_100_912,
+    234_881_792,
+    435_160_240,
+    729_810_624,
+    918_423_532,
+    1_677_724_672,
+)
 
 
 def test_warmdown_lr_multiplier():
@@ -54,8 +60,9 @@ def test_cosine_and_constant():
 
 def test_from_config_uses_nanochat_defaults():
     cfg = ScheduleConfig()
-    assert [lr_multiplier_from_config(cfg, it, 1000) for it in (0, 500, 1000)] == \
-        [lr_multiplier(it, 1000) for it in (0, 500, 1000)]
+    assert [lr_multiplier_from_config(cfg, it, 1000) for it in (0, 500, 1000)] == [
+        lr_multiplier(it, 1000) for it in (0, 500, 1000)
+    ]
 
 
 def test_muon_momentum():
@@ -77,14 +84,17 @@ def test_muon_weight_decay_cosine():
     assert muon_weight_decay(1000, 1000, 0.2) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("n,batch,wd,lr_scale", [
-    (N_D12, 524_288, 0.28, 1.0),
-    (N_D16, 524_288, 0.131, 1.0),
-    (N_D20, 1_048_576, 0.100, math.sqrt(2)),
-    (N_D24, 1_048_576, 0.0597, math.sqrt(2)),
-    (N_D26, 1_048_576, 0.0475, math.sqrt(2)),
-    (N_D32, 2_097_152, 0.0368, 2.0),
-])
+@pytest.mark.parametrize(
+    "n,batch,wd,lr_scale",
+    [
+        (N_D12, 524_288, 0.28, 1.0),
+        (N_D16, 524_288, 0.131, 1.0),
+        (N_D20, 1_048_576, 0.100, math.sqrt(2)),
+        (N_D24, 1_048_576, 0.0597, math.sqrt(2)),
+        (N_D26, 1_048_576, 0.0475, math.sqrt(2)),
+        (N_D32, 2_097_152, 0.0368, 2.0),
+    ],
+)
 def test_depth_transfer_matches_spec(n, batch, wd, lr_scale):
     tr = depth_transfer(n, N_D12)  # ratio 12, wd 0.28, B_ref 2^19
     assert tr.batch_tokens == batch
@@ -102,10 +112,15 @@ def test_speedrun_d24_horizon():
 
 
 def test_horizon_precedence_and_overrides():
-    assert num_iterations(1 << 20, steps=7, target_flops=1e19, flops_per_token=1e9,
-                          target_param_data_ratio=12, scaling_params=N_D24) == 7
-    assert num_iterations(1 << 20, target_flops=2.79e19, flops_per_token=4.78e9,
-                          target_param_data_ratio=12, scaling_params=N_D24) == round(2.79e19 / (4.78e9 * 2 ** 20))
+    assert (
+        num_iterations(
+            1 << 20, steps=7, target_flops=1e19, flops_per_token=1e9, target_param_data_ratio=12, scaling_params=N_D24
+        )
+        == 7
+    )
+    assert num_iterations(
+        1 << 20, target_flops=2.79e19, flops_per_token=4.78e9, target_param_data_ratio=12, scaling_params=N_D24
+    ) == round(2.79e19 / (4.78e9 * 2**20))
     assert num_iterations(1 << 20, target_param_data_ratio=8, scaling_params=N_D24) == 5568
     with pytest.raises(ValueError):
         num_iterations(1 << 20)

@@ -11,10 +11,12 @@ from chatlm.tokenizer import train_tokenizer
 
 VOCAB_SIZE = 512
 
-_WORDS = ("the of and to in is was for on that with as by at from his her they which this be are "
-          "model token train data loss learning rate batch layer attention transformer python code "
-          "number value function return print import class def while for if else chat user "
-          "assistant system café naïve façade über straße Ελληνικά русский язык 日本語 中文 한국어").split()
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her they which this be are "
+    "model token train data loss learning rate batch layer attention transformer python code "
+    "number value function return print import class def while for if else chat user "
+    "assistant system café naïve façade über straße Ελληνικά русский язык 日本語 中文 한국어"
+).split()
 
 
 def make_corpus(n_docs: int = 400, seed: int = 0) -> list[str]:

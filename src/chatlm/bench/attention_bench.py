@@ -57,8 +57,9 @@ def _errors(got: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"max_abs": float(diff.max()), "rel": float(diff.norm() / ref.norm().clamp_min(1e-30))}
 
 
-def make_inputs(B: int, T: int, H: int, Hkv: int, D: int, qk_scale: float, dtype: torch.dtype,
-                device: torch.device, seed: int) -> tuple[torch.Tensor, ...]:
+def make_inputs(
+    B: int, T: int, H: int, Hkv: int, D: int, qk_scale: float, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
 
@@ -102,8 +103,12 @@ def bench_one(backend: str, window: int, q, k, v, dout, cfg: BenchConfig, device
         q32, k32, v32 = (t[:rows].detach().float().requires_grad_(True) for t in (q, k, v))
         ref = reference_attention(q32, k32, v32, window)
         rdq, rdk, rdv = torch.autograd.grad(ref, (q32, k32, v32), dout[:rows].float())
-        entry["errors"] = {"out": _errors(out[:rows], ref.detach()), "dq": _errors(dq[:rows], rdq),
-                           "dk": _errors(dk[:rows], rdk), "dv": _errors(dv[:rows], rdv)}
+        entry["errors"] = {
+            "out": _errors(out[:rows], ref.detach()),
+            "dq": _errors(dq[:rows], rdq),
+            "dk": _errors(dk[:rows], rdk),
+            "dv": _errors(dv[:rows], rdv),
+        }
         entry["max_abs_err"] = max(e["max_abs"] for e in entry["errors"].values())
         del out, dq, dk, dv, ref, rdq, rdk, rdv, q32, k32, v32
     return entry
@@ -123,9 +128,20 @@ def bench_attention(cfg: BenchConfig, run: Any) -> dict:
             available.append(backend)
         else:
             skipped[backend] = reason
-    log.info("attention bench d%d: B=%d T=%d H=%d Hkv=%d D=%d windows %s (%s) | %s | backends %s%s",
-             dims.n_layer, B, T, H, Hkv, D, windows, dims.window_chars(), str(dtype).removeprefix("torch."),
-             available, f" (skipped: {skipped})" if skipped else "")
+    log.info(
+        "attention bench d%d: B=%d T=%d H=%d Hkv=%d D=%d windows %s (%s) | %s | backends %s%s",
+        dims.n_layer,
+        B,
+        T,
+        H,
+        Hkv,
+        D,
+        windows,
+        dims.window_chars(),
+        str(dtype).removeprefix("torch."),
+        available,
+        f" (skipped: {skipped})" if skipped else "",
+    )
 
     q, k, v, dout = make_inputs(B, T, H, Hkv, D, cfg.model.qk_scale, dtype, device, cfg.seed)
     results = []
@@ -133,14 +149,24 @@ def bench_attention(cfg: BenchConfig, run: Any) -> dict:
         for window in windows:
             entry = bench_one(backend, window, q, k, v, dout, cfg, device)
             pairs = attended_pairs(T, window)
-            entry.update(layers=layers_per_window[window], attended_pairs=pairs,
-                         model_flops=12 * H * D * min(window, T) * B * T, effective_flops=14 * B * H * D * pairs)
+            entry.update(
+                layers=layers_per_window[window],
+                attended_pairs=pairs,
+                model_flops=12 * H * D * min(window, T) * B * T,
+                effective_flops=14 * B * H * D * pairs,
+            )
             if "fwd_bwd_s" in entry:
                 entry["model_tflops"] = entry["model_flops"] / entry["fwd_bwd_s"] / 1e12
                 entry["effective_tflops"] = entry["effective_flops"] / entry["fwd_bwd_s"] / 1e12
-                log.info("%s w=%d: fwd %.3f ms, fwd+bwd %.3f ms (%.0f effective TFLOP/s), max |err| %s", backend,
-                         window, 1000 * entry["fwd_s"], 1000 * entry["fwd_bwd_s"], entry["effective_tflops"],
-                         f"{entry['max_abs_err']:.2e}" if "max_abs_err" in entry else "n/a")
+                log.info(
+                    "%s w=%d: fwd %.3f ms, fwd+bwd %.3f ms (%.0f effective TFLOP/s), max |err| %s",
+                    backend,
+                    window,
+                    1000 * entry["fwd_s"],
+                    1000 * entry["fwd_bwd_s"],
+                    entry["effective_tflops"],
+                    f"{entry['max_abs_err']:.2e}" if "max_abs_err" in entry else "n/a",
+                )
             else:
                 log.info("%s w=%d: %s", backend, window, entry["error"])
             results.append(entry)
@@ -152,10 +178,24 @@ def bench_attention(cfg: BenchConfig, run: Any) -> dict:
         ok = all("fwd_bwd_s" in r for r in rows)
         per_model[backend] = sum(r["fwd_bwd_s"] * r["layers"] for r in rows) if ok else None
     return {
-        "task": "attention", "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "model": cfg.model.name, "depth": dims.n_layer, "windows": dims.window_chars(), "dtype": run.policy.dtype_name,
-        "batch": B, "seq_len": T, "n_head": H, "n_kv_head": Hkv, "head_dim": D,
-        "iters": cfg.attn_iters, "warmup": cfg.attn_warmup, "check_rows": min(cfg.attn_check_rows, B),
-        "backends": available, "skipped": skipped, "results": results,
+        "task": "attention",
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "model": cfg.model.name,
+        "depth": dims.n_layer,
+        "windows": dims.window_chars(),
+        "dtype": run.policy.dtype_name,
+        "batch": B,
+        "seq_len": T,
+        "n_head": H,
+        "n_kv_head": Hkv,
+        "head_dim": D,
+        "iters": cfg.attn_iters,
+        "warmup": cfg.attn_warmup,
+        "check_rows": min(cfg.attn_check_rows, B),
+        "backends": available,
+        "skipped": skipped,
+        "results": results,
         "model_attention_fwd_bwd_s": per_model,
     }

@@ -34,12 +34,15 @@ log = logging.getLogger("chatlm")
 def loss_fn(variant: str, softcap: float, vocab: int) -> Callable[..., torch.Tensor]:
     """f(x, w, targets) -> mean loss for one variant (w is the fp32 master; cast as Linear does)."""
     if variant == "plain":
+
         def f(x, w, t):
             return plain_softcap_ce(F.linear(x, w.to(x.dtype))[:, :vocab], t, softcap)
     elif variant == "fused":
+
         def f(x, w, t):
             return fused_softcap_ce(x, None, t, softcap, vocab, weight=w.to(x.dtype))
     elif variant == "fused_logits":  # no weight: the logits come from calling the head
+
         def f(x, w, t):
             return fused_softcap_ce(x, lambda h: F.linear(h, w.to(h.dtype)), t, softcap, vocab)
     else:
@@ -56,14 +59,23 @@ def bench_loss(cfg: BenchConfig, run: Any) -> dict:
     vocab, policy = dims.vocab_size, run.policy
     M, C, Vp, softcap = B * dims.sequence_len, dims.n_embd, dims.padded_vocab_size, cfg.model.softcap
     variants = list(cfg.loss_kernels) or list(LOSS_BENCH_KERNELS)
-    log.info("loss bench d%d: M=%d rows x C=%d -> V=%d (padded %d), softcap %g, %s, triton %s | %s",
-             dims.n_layer, M, C, vocab, Vp, softcap, str(dtype).removeprefix("torch."),
-             triton_available(), variants)
+    log.info(
+        "loss bench d%d: M=%d rows x C=%d -> V=%d (padded %d), softcap %g, %s, triton %s | %s",
+        dims.n_layer,
+        M,
+        C,
+        vocab,
+        Vp,
+        softcap,
+        str(dtype).removeprefix("torch."),
+        triton_available(),
+        variants,
+    )
 
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     x = F.rms_norm(torch.randn(M, C, device=device, generator=gen), (C,)).to(dtype).requires_grad_(True)
-    w = (torch.randn(Vp, C, device=device, generator=gen) * (4.0 / C ** 0.5)).requires_grad_(True)
+    w = (torch.randn(Vp, C, device=device, generator=gen) * (4.0 / C**0.5)).requires_grad_(True)
     targets = torch.randint(0, vocab, (M,), device=device, generator=gen)
 
     results, outputs = [], {}
@@ -72,7 +84,7 @@ def bench_loss(cfg: BenchConfig, run: Any) -> dict:
         if policy.compile:
             fn = torch.compile(fn, dynamic=False)
 
-        def fwd_bwd() -> tuple[torch.Tensor, ...]:
+        def fwd_bwd(fn: Any = fn) -> tuple[torch.Tensor, ...]:
             loss = fn(x, w, targets)
             return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
 
@@ -91,15 +103,37 @@ def bench_loss(cfg: BenchConfig, run: Any) -> dict:
         outputs[variant] = out
         if "plain" in outputs and variant != "plain":
             ref = outputs["plain"]
-            entry.update(loss_diff=float((out[0] - ref[0]).abs()), grad_x_rel=_rel(out[1], ref[1]),
-                         grad_w_rel=_rel(out[2], ref[2]))
+            entry.update(
+                loss_diff=float((out[0] - ref[0]).abs()),
+                grad_x_rel=_rel(out[1], ref[1]),
+                grad_w_rel=_rel(out[2], ref[2]),
+            )
         entry["loss"] = float(out[0])
-        log.info("%s: fwd+bwd %.3f ms%s", variant, 1000 * entry["fwd_bwd_s"],
-                 f", +{entry['extra_peak_gib']:.2f} GiB peak" if "extra_peak_gib" in entry else "")
+        log.info(
+            "%s: fwd+bwd %.3f ms%s",
+            variant,
+            1000 * entry["fwd_bwd_s"],
+            f", +{entry['extra_peak_gib']:.2f} GiB peak" if "extra_peak_gib" in entry else "",
+        )
         results.append(entry)
     return {
-        "task": "loss", "device": str(device), "device_name": device_name(device), "torch": torch.__version__,
-        "model": cfg.model.name, "depth": dims.n_layer, "dtype": policy.dtype_name, "compile": policy.compile,
-        "batch": B, "seq_len": dims.sequence_len, "rows": M, "n_embd": C, "vocab_size": vocab, "padded_vocab_size": Vp, "softcap": softcap,
-        "triton": triton_available(), "iters": cfg.loss_iters, "warmup": cfg.loss_warmup, "results": results,
+        "task": "loss",
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "model": cfg.model.name,
+        "depth": dims.n_layer,
+        "dtype": policy.dtype_name,
+        "compile": policy.compile,
+        "batch": B,
+        "seq_len": dims.sequence_len,
+        "rows": M,
+        "n_embd": C,
+        "vocab_size": vocab,
+        "padded_vocab_size": Vp,
+        "softcap": softcap,
+        "triton": triton_available(),
+        "iters": cfg.loss_iters,
+        "warmup": cfg.loss_warmup,
+        "results": results,
     }

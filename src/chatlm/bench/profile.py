@@ -15,8 +15,23 @@ import torch
 # (category, substrings of the kernel name), first match wins; names are matched lower-cased
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flex_attention", "triton_tem", "fmha", "flash", "attention", "cudnn")),
-    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "scaled_mm", "cublas", "aten::mm", "aten::addmm",
-                "aten::bmm", "aten::matmul", "aten::linear")),
+    (
+        "matmul",
+        (
+            "gemm",
+            "nvjet",
+            "xmma",
+            "cutlass",
+            "sm90_",
+            "scaled_mm",
+            "cublas",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::matmul",
+            "aten::linear",
+        ),
+    ),
     ("fused triton (elementwise, norms, loss, optimizer)", ("triton_", "softcap_ce", "qkv_rope")),
     ("memory copies", ("memcpy", "memset", "copy_", "aten::copy")),
     ("communication", ("nccl", "all_reduce", "reduce_scatter", "all_gather")),
@@ -45,13 +60,17 @@ def top_kernels(fn: Callable[[], Any], n: int = 10) -> list[dict[str, Any]]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    rows = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
-                  key=lambda e: e.self_device_time_total, reverse=True)[:n]
+    rows = sorted(
+        (e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+        key=lambda e: e.self_device_time_total,
+        reverse=True,
+    )[:n]
     return [{"kernel": e.key[:90], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count} for e in rows]
 
 
-def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device,
-                  trace_dir: Optional[Path] = None, top: int = 25) -> dict[str, Any]:
+def profile_steps(
+    run_step: Callable[[], None], steps: int, device: torch.device, trace_dir: Optional[Path] = None, top: int = 25
+) -> dict[str, Any]:
     """Run `run_step` `steps` times under torch.profiler and summarize its kernels per step."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -80,13 +99,22 @@ def profile_steps(run_step: Callable[[], None], steps: int, device: torch.device
         "clock": "kernel device time" if on_cuda else "operator self CPU time",
         "total_ms_per_step": total_us / 1000 / steps,
         "by_category_ms_per_step": {k: v / 1000 / steps for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-        "top": [{"name": n[:200], "category": categorize(n), "ms_per_step": t / 1000 / steps, "calls_per_step": c / steps,
-                 "share": t / total_us if total_us else 0.0} for n, t, c in rows[:top]],
+        "top": [
+            {
+                "name": n[:200],
+                "category": categorize(n),
+                "ms_per_step": t / 1000 / steps,
+                "calls_per_step": c / steps,
+                "share": t / total_us if total_us else 0.0,
+            }
+            for n, t, c in rows[:top]
+        ],
     }
     if trace_dir is not None:
         sort_by = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
-        (trace_dir / "profile.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=60,
-                                                                         max_name_column_width=90) + "\n")
+        (trace_dir / "profile.txt").write_text(
+            prof.key_averages().table(sort_by=sort_by, row_limit=60, max_name_column_width=90) + "\n"
+        )
         # every kernel (the table and `top` stop early): one line each, longest first
         lines = ["ms_per_step\tcalls_per_step\tcategory\tname"]
         lines += [f"{t / 1000 / steps:.3f}\t{c / steps:g}\t{categorize(n)}\t{n}" for n, t, c in rows]

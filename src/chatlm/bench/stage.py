@@ -23,24 +23,52 @@ def train_rows(r: dict) -> list[tuple[str, str]]:
     ceiling = r.get("ceiling_flops")
     return [
         ("device", f"{r['device_name']} x{r['world_size']} | torch {r['torch']}"),
-        ("model", f"{r['model']} (d{r['depth']}, width {r['n_embd']}, {r['n_head']} heads, {r['windows']}, "
-                  f"T={r['seq_len']})"),
-        ("batch", f"{r['tokens_per_step']:,} tokens/step = {r['device_batch_size']} x {r['seq_len']} x "
-                  f"{r['world_size']} x {r['grad_accum']} accumulation ({r['tokens']} tokens)"),
-        ("kernels", f"attention {r['attention_backend']} | {r['dtype']}"
-                    + (f" + fp8 ({r['fp8_linears']} linears)" if r["fp8"] else "") + f" | compile {r['compile']}"),
-        ("steps", f"{r['timed_steps']} timed of {r['steps']} (first {r['warmup_steps']} left out; step 1 took "
-                  f"{r['first_step_s']:.1f} s)"),
-        ("step time", f"median {_fmt(r['median_step_s'], 1000)} ms (min {_fmt(r['min_step_s'], 1000)}, "
-                      f"max {_fmt(r['max_step_s'], 1000)})"),
-        ("tok/s", f"{r['tok_per_s']:,.0f}" + (f" ({r['tok_per_s_per_device']:,.0f} per device)"
-                                              if r["world_size"] > 1 else "")),
-        ("MFU vs nominal", f"{_fmt(r['mfu_nominal'], 100, 1, ' %')} of {_fmt(r['peak_flops_nominal'], 1e-12, 0)} "
-                           "TFLOP/s (dense bf16 peak)"),
-        ("MFU vs measured", f"{_fmt(r['mfu_measured'], 100, 1, ' %')} of {_fmt(ceiling, 1e-12, 0)} TFLOP/s"
-                            + (f" ({r['ceiling_source']})" if r.get("ceiling_source") else " (no ceiling measured)")),
-        ("peak memory", "n/a (not a CUDA device)" if r["peak_mem_gib"] is None else
-         f"{r['peak_mem_gib']:.1f} GiB allocated, {r['peak_reserved_gib']:.1f} GiB reserved"),
+        (
+            "model",
+            f"{r['model']} (d{r['depth']}, width {r['n_embd']}, {r['n_head']} heads, {r['windows']}, T={r['seq_len']})",
+        ),
+        (
+            "batch",
+            f"{r['tokens_per_step']:,} tokens/step = {r['device_batch_size']} x {r['seq_len']} x "
+            f"{r['world_size']} x {r['grad_accum']} accumulation ({r['tokens']} tokens)",
+        ),
+        (
+            "kernels",
+            f"attention {r['attention_backend']} | {r['dtype']}"
+            + (f" + fp8 ({r['fp8_linears']} linears)" if r["fp8"] else "")
+            + f" | compile {r['compile']}",
+        ),
+        (
+            "steps",
+            f"{r['timed_steps']} timed of {r['steps']} (first {r['warmup_steps']} left out; step 1 took "
+            f"{r['first_step_s']:.1f} s)",
+        ),
+        (
+            "step time",
+            f"median {_fmt(r['median_step_s'], 1000)} ms (min {_fmt(r['min_step_s'], 1000)}, "
+            f"max {_fmt(r['max_step_s'], 1000)})",
+        ),
+        (
+            "tok/s",
+            f"{r['tok_per_s']:,.0f}"
+            + (f" ({r['tok_per_s_per_device']:,.0f} per device)" if r["world_size"] > 1 else ""),
+        ),
+        (
+            "MFU vs nominal",
+            f"{_fmt(r['mfu_nominal'], 100, 1, ' %')} of {_fmt(r['peak_flops_nominal'], 1e-12, 0)} "
+            "TFLOP/s (dense bf16 peak)",
+        ),
+        (
+            "MFU vs measured",
+            f"{_fmt(r['mfu_measured'], 100, 1, ' %')} of {_fmt(ceiling, 1e-12, 0)} TFLOP/s"
+            + (f" ({r['ceiling_source']})" if r.get("ceiling_source") else " (no ceiling measured)"),
+        ),
+        (
+            "peak memory",
+            "n/a (not a CUDA device)"
+            if r["peak_mem_gib"] is None
+            else f"{r['peak_mem_gib']:.1f} GiB allocated, {r['peak_reserved_gib']:.1f} GiB reserved",
+        ),
         ("loss", f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"),
     ] + profile_rows(r.get("profile"))
 
@@ -49,10 +77,14 @@ def profile_rows(p: Optional[dict]) -> list[tuple[str, str]]:
     if not p:
         return []
     rows = [("profile", f"{p['steps']} extra steps: {p['total_ms_per_step']:,.1f} ms of {p['clock']} per step")]
-    rows += [(f"  {k}", f"{v:,.1f} ms/step ({100 * v / p['total_ms_per_step']:.0f} %)")
-             for k, v in p["by_category_ms_per_step"].items()]
-    rows += [(f"  top {i + 1}", f"{e['ms_per_step']:,.1f} ms/step, {e['calls_per_step']:g} calls: {e['name'][:70]}")
-             for i, e in enumerate(p["top"][:5])]
+    rows += [
+        (f"  {k}", f"{v:,.1f} ms/step ({100 * v / p['total_ms_per_step']:.0f} %)")
+        for k, v in p["by_category_ms_per_step"].items()
+    ]
+    rows += [
+        (f"  top {i + 1}", f"{e['ms_per_step']:,.1f} ms/step, {e['calls_per_step']:g} calls: {e['name'][:70]}")
+        for i, e in enumerate(p["top"][:5])
+    ]
     return rows
 
 
@@ -60,16 +92,26 @@ def attention_rows(r: dict) -> list[tuple[str, ...]]:
     rows = []
     for e in r["results"]:
         if "fwd_bwd_s" not in e:
-            rows.append((e["backend"], str(e["window"]), str(e["layers"]), "-", "-", "-", "-", e["error"].split(":")[0]))
+            rows.append(
+                (e["backend"], str(e["window"]), str(e["layers"]), "-", "-", "-", "-", e["error"].split(":")[0])
+            )
             continue
-        rows.append((e["backend"], str(e["window"]), str(e["layers"]), _fmt(e["fwd_s"], 1000, 3),
-                     _fmt(e["fwd_bwd_s"], 1000, 3), _tflops(e["effective_tflops"]), _tflops(e["model_tflops"]),
-                     f"{e['max_abs_err']:.1e}" if "max_abs_err" in e else "n/a"))
+        rows.append(
+            (
+                e["backend"],
+                str(e["window"]),
+                str(e["layers"]),
+                _fmt(e["fwd_s"], 1000, 3),
+                _fmt(e["fwd_bwd_s"], 1000, 3),
+                _tflops(e["effective_tflops"]),
+                _tflops(e["model_tflops"]),
+                f"{e['max_abs_err']:.1e}" if "max_abs_err" in e else "n/a",
+            )
+        )
     return rows
 
 
-ATTENTION_HEADER = ("backend", "window", "layers", "fwd ms", "fwd+bwd ms", "eff. TFLOP/s", "model TFLOP/s",
-                    "max |err|")
+ATTENTION_HEADER = ("backend", "window", "layers", "fwd ms", "fwd+bwd ms", "eff. TFLOP/s", "model TFLOP/s", "max |err|")
 
 
 LOSS_HEADER = ("variant", "fwd+bwd ms", "extra peak GiB", "|loss - plain|", "grad x rel. err", "grad W rel. err")
@@ -78,10 +120,20 @@ LOSS_HEADER = ("variant", "fwd+bwd ms", "extra peak GiB", "|loss - plain|", "gra
 def loss_rows(r: dict) -> list[tuple[str, ...]]:
     rows = []
     for e in r["results"]:
-        def err(key: str) -> str:
+
+        def err(key: str, e: dict = e) -> str:
             return f"{e[key]:.1e}" if key in e else "-"
-        rows.append((e["variant"], _fmt(e["fwd_bwd_s"], 1000, 3), _fmt(e.get("extra_peak_gib"), 1, 2),
-                     err("loss_diff"), err("grad_x_rel"), err("grad_w_rel")))
+
+        rows.append(
+            (
+                e["variant"],
+                _fmt(e["fwd_bwd_s"], 1000, 3),
+                _fmt(e.get("extra_peak_gib"), 1, 2),
+                err("loss_diff"),
+                err("grad_x_rel"),
+                err("grad_w_rel"),
+            )
+        )
     return rows
 
 
@@ -97,16 +149,20 @@ def print_table(result: dict) -> None:
         for row in train_rows(result):
             table.add_row(*row)
     elif result["task"] == "loss":
-        table = Table(title=f"chatlm bench: loss head, {result['model']} {result['rows']:,} rows x C={result['n_embd']} "
-                            f"-> V={result['padded_vocab_size']:,}, softcap {result['softcap']:g}, {result['dtype']} "
-                            f"on {result['device_name']}")
+        table = Table(
+            title=f"chatlm bench: loss head, {result['model']} {result['rows']:,} rows x C={result['n_embd']} "
+            f"-> V={result['padded_vocab_size']:,}, softcap {result['softcap']:g}, {result['dtype']} "
+            f"on {result['device_name']}"
+        )
         for col in LOSS_HEADER:
             table.add_column(col, justify="left" if col == "variant" else "right")
         for row in loss_rows(result):
             table.add_row(*row)
     else:
-        table = Table(title=f"chatlm bench: attention, {result['model']} B={result['batch']} T={result['seq_len']} "
-                            f"H={result['n_head']} D={result['head_dim']} {result['dtype']} on {result['device_name']}")
+        table = Table(
+            title=f"chatlm bench: attention, {result['model']} B={result['batch']} T={result['seq_len']} "
+            f"H={result['n_head']} D={result['head_dim']} {result['dtype']} on {result['device_name']}"
+        )
         for col in ATTENTION_HEADER:
             table.add_column(col, justify="left" if col == "backend" else "right")
         for row in attention_rows(result):
@@ -119,8 +175,16 @@ def print_table(result: dict) -> None:
 def summary(result: dict) -> dict:
     """The scalar results, for run.json's final metrics."""
     if result["task"] == "train":
-        keys = ("median_step_s", "tok_per_s", "mfu_nominal", "mfu_measured", "peak_mem_gib", "attention_backend",
-                "timed_steps", "last_loss")
+        keys = (
+            "median_step_s",
+            "tok_per_s",
+            "mfu_nominal",
+            "mfu_measured",
+            "peak_mem_gib",
+            "attention_backend",
+            "timed_steps",
+            "last_loss",
+        )
         return {k: result[k] for k in keys if result.get(k) is not None}
     if result["task"] == "loss":
         return {f"loss_{e['variant']}_s": e["fwd_bwd_s"] for e in result["results"]}

@@ -47,8 +47,9 @@ def time_calls(fn: Callable[[], object], iters: int, warmup: int, device: torch.
     return times
 
 
-def matmul_ceiling(device: torch.device, size: int = 8192, iters: int = 10,
-                   dtype: torch.dtype = torch.bfloat16) -> Optional[dict]:
+def matmul_ceiling(
+    device: torch.device, size: int = 8192, iters: int = 10, dtype: torch.dtype = torch.bfloat16
+) -> Optional[dict]:
     """The FLOP/s of a size^3 matmul on random data (median of `iters` after 3 warm-ups).
 
     This is the practical ceiling the MFU "vs measured" divides by. CUDA only (None elsewhere): on a
@@ -63,7 +64,12 @@ def matmul_ceiling(device: torch.device, size: int = 8192, iters: int = 10,
     out = torch.empty(size, size, device=device, dtype=dtype)
     times = time_calls(lambda: torch.matmul(a, b, out=out), iters, 3, device)
     sec = median(times)
-    del a, b, out
+    a = b = out = None  # free the matrices before emptying the cache
     torch.cuda.empty_cache()
-    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "iters": iters, "median_s": sec,
-            "flops": 2.0 * size ** 3 / sec}
+    return {
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "iters": iters,
+        "median_s": sec,
+        "flops": 2.0 * size**3 / sec,
+    }

@@ -34,10 +34,21 @@ log = logging.getLogger("chatlm")
 
 def as_train_config(cfg: BenchConfig) -> TrainConfig:
     """The TrainConfig this benchmark stands for (steps = the bench's steps), for plan_run."""
-    return TrainConfig(run_name=cfg.run_name, seed=cfg.seed, paths=cfg.paths, hardware=cfg.hardware,
-                       precision=cfg.precision, model=cfg.model, optim=cfg.optim, schedule=cfg.schedule,
-                       data=cfg.data, tokenizer=cfg.tokenizer, steps=cfg.steps,
-                       total_batch_size=cfg.total_batch_size, auto_tokenizer=cfg.auto_tokenizer)
+    return TrainConfig(
+        run_name=cfg.run_name,
+        seed=cfg.seed,
+        paths=cfg.paths,
+        hardware=cfg.hardware,
+        precision=cfg.precision,
+        model=cfg.model,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        data=cfg.data,
+        tokenizer=cfg.tokenizer,
+        steps=cfg.steps,
+        total_batch_size=cfg.total_batch_size,
+        auto_tokenizer=cfg.auto_tokenizer,
+    )
 
 
 def device_name(device: torch.device) -> str:
@@ -91,8 +102,9 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
     # --- the ceiling first, on an empty card; then peak memory counts training only
     ceiling = matmul_ceiling(device, cfg.ceiling_size, cfg.ceiling_iters) if cfg.ceiling else None
     if ceiling:
-        log.info("bf16 %d^3 matmul: %.1f TFLOP/s (median of %d)", ceiling["size"], ceiling["flops"] / 1e12,
-                 ceiling["iters"])
+        log.info(
+            "bf16 %d^3 matmul: %.1f TFLOP/s (median of %d)", ceiling["size"], ceiling["flops"] / 1e12, ceiling["iters"]
+        )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -108,23 +120,51 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
 
         n_fp8 = convert_to_fp8(model)
     train_model = policy.compile_model(model)
-    optimizer = build_optimizer(model, cfg.optim, plan.n_embd, plan.batch_lr_scale, plan.muon_weight_decay,
-                                compute_dtype=dtype, compile=policy.compile)
+    optimizer = build_optimizer(
+        model,
+        cfg.optim,
+        plan.n_embd,
+        plan.batch_lr_scale,
+        plan.muon_weight_decay,
+        compute_dtype=dtype,
+        compile=policy.compile,
+    )
     scaler = LossScaler(enabled=dtype == torch.float16)
     params = list(model.parameters())
-    log.info("bench d%d (%s): %d x %d x %d ranks x %d accumulation = %s tokens/step | backend %s | %s%s | "
-             "compile %s | %d steps, %d warm-up", plan.n_layer, model.dims.window_chars(), B, T, ctx.world_size,
-             accum, f"{plan.total_batch_size:,}", backend, policy.dtype_name, f" + fp8 ({n_fp8} linears)"
-             if n_fp8 else "", policy.compile, N, cfg.warmup_steps)
+    log.info(
+        "bench d%d (%s): %d x %d x %d ranks x %d accumulation = %s tokens/step | backend %s | %s%s | "
+        "compile %s | %d steps, %d warm-up",
+        plan.n_layer,
+        model.dims.window_chars(),
+        B,
+        T,
+        ctx.world_size,
+        accum,
+        f"{plan.total_batch_size:,}",
+        backend,
+        policy.dtype_name,
+        f" + fp8 ({n_fp8} linears)" if n_fp8 else "",
+        policy.compile,
+        N,
+        cfg.warmup_steps,
+    )
 
     if tok is not None:
         from chatlm.data.loader import make_loader
         from chatlm.data.shards import list_shards
 
         splits = [list_shards(d) for d in shard_dirs]
-        loader = make_loader([(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)], tok, B, T,
-                             rank=ctx.rank, world_size=ctx.world_size, device=device,
-                             buffer_size=cfg.data.doc_buffer, threads=cfg.data.tokenizer_threads)
+        loader = make_loader(
+            [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
+            tok,
+            B,
+            T,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=device,
+            buffer_size=cfg.data.doc_buffer,
+            threads=cfg.data.tokenizer_threads,
+        )
         next_batch = loader.next_batch
     else:
         next_batch = synthetic_batches(vocab_size, B, T, device, cfg.seed + ctx.rank)
@@ -144,9 +184,17 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
         batch[0] = (x, y)
         optimizer.set_hyperparameters(
             lr_multiplier_from_config(cfg.schedule, step, N),
-            muon_momentum(step, N, cfg.schedule.warmdown_ratio, cfg.optim.momentum_start, cfg.optim.momentum,
-                          cfg.optim.momentum_warmup_steps, cfg.optim.momentum_end),
-            muon_weight_decay(step, N, plan.muon_weight_decay))
+            muon_momentum(
+                step,
+                N,
+                cfg.schedule.warmdown_ratio,
+                cfg.optim.momentum_start,
+                cfg.optim.momentum,
+                cfg.optim.momentum_warmup_steps,
+                cfg.optim.momentum_end,
+            ),
+            muon_weight_decay(step, N, plan.muon_weight_decay),
+        )
         finite_grads = scaler.unscale_and_check(params)
         last = loss.detach().item()  # the one host sync of the step
         if finite_grads:
@@ -166,55 +214,91 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
                 gc.collect()
                 gc.freeze()
                 gc.disable()
-            log.info("step %d/%d | %.1f ms | loss %.4f%s", step + 1, N, 1000 * step_times[-1], last,
-                     " (warm-up)" if step < cfg.warmup_steps else "")
+            log.info(
+                "step %d/%d | %.1f ms | loss %.4f%s",
+                step + 1,
+                N,
+                1000 * step_times[-1],
+                last,
+                " (warm-up)" if step < cfg.warmup_steps else "",
+            )
         if cfg.profile_steps > 0:
             from chatlm.bench.profile import profile_steps
 
             timed_times, timed_losses = list(step_times), list(losses)
-            profile = profile_steps(lambda: run_step(N - 1), cfg.profile_steps, device,
-                                    trace_dir=run.path if ctx.is_main else None)
+            profile = profile_steps(
+                lambda: run_step(N - 1), cfg.profile_steps, device, trace_dir=run.path if ctx.is_main else None
+            )
             profile["step_times_s"] = step_times[N:]
             step_times[:], losses[:] = timed_times, timed_losses
-            log.info("profile of %d steps: %.1f ms of %s per step: %s", cfg.profile_steps,
-                     profile["total_ms_per_step"], profile["clock"],
-                     ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms_per_step"].items()))
+            log.info(
+                "profile of %d steps: %.1f ms of %s per step: %s",
+                cfg.profile_steps,
+                profile["total_ms_per_step"],
+                profile["clock"],
+                ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms_per_step"].items()),
+            )
     finally:
         gc.enable()
 
     # --- statistics
-    timed = step_times[cfg.warmup_steps:]
+    timed = step_times[cfg.warmup_steps :]
     med = median(timed)
     tok_s = plan.total_batch_size / med
     name = device_name(device)
     peak_nominal = peak_flops(name if device.type == "cuda" else "", cfg.hardware.peak_flops)
     ceiling_flops: Optional[float] = ceiling["flops"] if ceiling else cfg.hardware.measured_flops
-    ceiling_source = ("measured in this process" if ceiling else
-                      "hardware.measured_flops" if cfg.hardware.measured_flops else None)
+    ceiling_source = (
+        "measured in this process" if ceiling else "hardware.measured_flops" if cfg.hardware.measured_flops else None
+    )
     result = {
         "task": "train",
-        "device": str(device), "device_name": name, "world_size": ctx.world_size,
+        "device": str(device),
+        "device_name": name,
+        "world_size": ctx.world_size,
         "torch": torch.__version__,
-        "model": cfg.model.name, "depth": plan.n_layer, "n_embd": plan.n_embd, "n_head": plan.n_head,
-        "head_dim": model.dims.head_dim, "windows": model.dims.window_chars(), "seq_len": T,
-        "vocab_size": vocab_size, "params": plan.params["total"], "scaling_params": plan.scaling_params,
+        "model": cfg.model.name,
+        "depth": plan.n_layer,
+        "n_embd": plan.n_embd,
+        "n_head": plan.n_head,
+        "head_dim": model.dims.head_dim,
+        "windows": model.dims.window_chars(),
+        "seq_len": T,
+        "vocab_size": vocab_size,
+        "params": plan.params["total"],
+        "scaling_params": plan.scaling_params,
         "flops_per_token": plan.flops_per_token,
-        "device_batch_size": B, "grad_accum": accum, "tokens_per_step": plan.total_batch_size,
+        "device_batch_size": B,
+        "grad_accum": accum,
+        "tokens_per_step": plan.total_batch_size,
         "tokens": cfg.tokens,
-        "attention_backend": backend, "compile": policy.compile, "dtype": policy.dtype_name,
-        "fp8": policy.fp8, "fp8_linears": n_fp8,
-        "steps": N, "warmup_steps": cfg.warmup_steps, "timed_steps": len(timed),
-        "step_times_s": step_times, "first_step_s": step_times[0],
-        "median_step_s": med, "mean_step_s": sum(timed) / len(timed), "min_step_s": min(timed),
+        "attention_backend": backend,
+        "compile": policy.compile,
+        "dtype": policy.dtype_name,
+        "fp8": policy.fp8,
+        "fp8_linears": n_fp8,
+        "steps": N,
+        "warmup_steps": cfg.warmup_steps,
+        "timed_steps": len(timed),
+        "step_times_s": step_times,
+        "first_step_s": step_times[0],
+        "median_step_s": med,
+        "mean_step_s": sum(timed) / len(timed),
+        "min_step_s": min(timed),
         "max_step_s": max(timed),
-        "tok_per_s": tok_s, "tok_per_s_per_device": tok_s / ctx.world_size,
+        "tok_per_s": tok_s,
+        "tok_per_s_per_device": tok_s / ctx.world_size,
         "peak_flops_nominal": peak_nominal,
         "mfu_nominal": mfu(plan.flops_per_token, tok_s, peak_nominal, ctx.world_size),
-        "ceiling": ceiling, "ceiling_flops": ceiling_flops, "ceiling_source": ceiling_source,
+        "ceiling": ceiling,
+        "ceiling_flops": ceiling_flops,
+        "ceiling_source": ceiling_source,
         "mfu_measured": mfu(plan.flops_per_token, tok_s, ceiling_flops, ctx.world_size),
         "peak_mem_gib": _gib(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "peak_reserved_gib": _gib(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None,
-        "losses": losses, "first_loss": losses[0], "last_loss": losses[-1],
+        "losses": losses,
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
         "losses_finite": all(math.isfinite(v) for v in losses),
         "profile": profile,
     }

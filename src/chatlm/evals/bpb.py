@@ -27,8 +27,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def evaluate_bpb(model: torch.nn.Module, batches: Iterable, token_bytes: torch.Tensor,
-                 max_steps: Optional[int] = None) -> float:
+def evaluate_bpb(
+    model: torch.nn.Module, batches: Iterable, token_bytes: torch.Tensor, max_steps: Optional[int] = None
+) -> float:
     """Bits per byte of `model` over `batches` of (inputs, targets), each (B, T) int64.
 
     `model(x, y, loss_reduction='none')` must return the flat (B*T,) per-token CE in nats (GPT
@@ -59,8 +60,9 @@ def evaluate_bpb(model: torch.nn.Module, batches: Iterable, token_bytes: torch.T
                 valid = y >= 0
                 nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
                 counted = nbytes > 0
-                total_nats += torch.where(counted, loss.to(acc_dtype), torch.zeros((), dtype=acc_dtype,
-                                                                                  device=device)).sum()
+                total_nats += torch.where(
+                    counted, loss.to(acc_dtype), torch.zeros((), dtype=acc_dtype, device=device)
+                ).sum()
                 total_bytes += nbytes.sum().to(acc_dtype)
     finally:
         model.train(was_training)

@@ -1,9 +1,27 @@
 """The GPT model: sizing from the config, attention backends with a KV cache, and the network."""
 
-from chatlm.model.attention import (BACKENDS, KVCache, backend_unavailable_reason, cached_attention,
-                                    causal_attention, prepare_backend, select_backend)
+from chatlm.model.attention import (
+    BACKENDS,
+    KVCache,
+    backend_unavailable_reason,
+    cached_attention,
+    causal_attention,
+    prepare_backend,
+    select_backend,
+)
 from chatlm.model.gpt import GPT, Linear
 from chatlm.model.sizing import ModelDims, derive_dims
 
-__all__ = ["BACKENDS", "GPT", "KVCache", "Linear", "ModelDims", "backend_unavailable_reason",
-           "cached_attention", "causal_attention", "derive_dims", "prepare_backend", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "GPT",
+    "KVCache",
+    "Linear",
+    "ModelDims",
+    "backend_unavailable_reason",
+    "cached_attention",
+    "causal_attention",
+    "derive_dims",
+    "prepare_backend",
+    "select_backend",
+]

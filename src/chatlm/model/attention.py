@@ -71,10 +71,13 @@ def _fa4_op():
         return (None, None) if window_left < 0 else (window_left, 0)
 
     @torch.library.custom_op("chatlm::fa4_fwd", mutates_args=())
-    def fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def fa4_fwd(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         left, right = _window(window_left)
-        out, lse = _flash_attn_fwd(q, k, v, causal=True, window_size_left=left, window_size_right=right,
-                                   return_lse=True)[:2]
+        out, lse = _flash_attn_fwd(
+            q, k, v, causal=True, window_size_left=left, window_size_right=right, return_lse=True
+        )[:2]
         return out, lse
 
     @fa4_fwd.register_fake
@@ -83,11 +86,19 @@ def _fa4_op():
         return torch.empty_like(q), q.new_empty((B, H, T), dtype=torch.float32)
 
     @torch.library.custom_op("chatlm::fa4_bwd", mutates_args=())
-    def fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, window_left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fa4_bwd(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        window_left: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         left, right = _window(window_left)
-        dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, None, True, 0.0,
-                                     window_size_left=left, window_size_right=right)[:3]
+        dq, dk, dv = _flash_attn_bwd(
+            q, k, v, out, dout, lse, None, True, 0.0, window_size_left=left, window_size_right=right
+        )[:3]
         return dq, dk, dv
 
     @fa4_bwd.register_fake
@@ -144,8 +155,9 @@ def backend_unavailable_reason(backend: str, device: Union[str, torch.device], d
     return f"unknown attention backend {backend!r}; valid: auto, {', '.join(BACKENDS)}"
 
 
-def select_backend(requested: Union[AttentionBackend, str], device: Union[str, torch.device],
-                   dtype: torch.dtype) -> str:
+def select_backend(
+    requested: Union[AttentionBackend, str], device: Union[str, torch.device], dtype: torch.dtype
+) -> str:
     """Resolve `model.attention_backend` for this device and compute dtype.
 
     auto: fa4 when installed on a CUDA bf16 run, else flex on CUDA, else sdpa. Naming a backend
@@ -192,8 +204,16 @@ class KVCache:
     of the next decoded token needs.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, max_len: int, n_kv_head: int, head_dim: int,
-                 dtype: torch.dtype, device: Union[str, torch.device]):
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: Union[str, torch.device],
+    ):
         shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -224,7 +244,7 @@ class KVCache:
         self.v[layer_idx, :, t0:t1] = v
         return self.k[layer_idx, :, :t1], self.v[layer_idx, :, :t1]
 
-    def prefill_from(self, other: "KVCache") -> None:
+    def prefill_from(self, other: KVCache) -> None:
         """Copy a (usually batch-1) prompt cache into every row of this one (sampling n rows)."""
         if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
             raise ValueError("KV caches of different models")
@@ -264,7 +284,8 @@ def _sdpa(q, k, v, window: int) -> torch.Tensor:
         if q.is_cuda and not _covers_all(window, tk):
             raise RuntimeError(
                 "sdpa would need a dense T x T mask for a sliding-window layer on GPU; "
-                "use attention_backend=flex or fa4, or window_pattern=L")
+                "use attention_backend=flex or fa4, or window_pattern=L"
+            )
         mask = window_mask(tq, tk, window, q.device)
         y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
@@ -273,9 +294,10 @@ def _sdpa(q, k, v, window: int) -> torch.Tensor:
 def _decode(q, k, v, window: int) -> torch.Tensor:
     """Tq == 1: the only query is the newest position; it sees the last window + 1 keys, unmasked."""
     if window + 1 < k.size(1):
-        k, v = k[:, -(window + 1):], v[:, -(window + 1):]
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       enable_gqa=q.size(2) != k.size(2))
+        k, v = k[:, -(window + 1) :], v[:, -(window + 1) :]
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=q.size(2) != k.size(2)
+    )
     return y.transpose(1, 2)
 
 
@@ -321,8 +343,13 @@ def _flex(q, k, v, window: int) -> torch.Tensor:
     # Inside a compiled model dynamo inlines flex_attention itself; eager CUDA calls need the
     # compiled wrapper to get a fused kernel; CPU (tests) runs the eager reference.
     fn = _compiled_flex() if q.is_cuda and not compiling else flex_attention
-    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-           enable_gqa=q.size(2) != k.size(2))
+    y = fn(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        block_mask=block_mask,
+        enable_gqa=q.size(2) != k.size(2),
+    )
     return y.transpose(1, 2)
 
 
@@ -335,8 +362,7 @@ def _fa4(q, k, v, window: int) -> torch.Tensor:
 _KERNELS = {"sdpa": _sdpa, "flex": _flex, "fa4": _fa4}
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int,
-                     backend: str) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, backend: str) -> torch.Tensor:
     """Causal attention with a left window. q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), Tk >= Tq.
 
     The queries are the last Tq positions. Softmax scale is 1/sqrt(D) (the model pre-scales q and
@@ -357,8 +383,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     return kernel(q, k, v, window)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer_idx: int,
-                     *, window: int, backend: str) -> torch.Tensor:
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer_idx: int, *, window: int, backend: str
+) -> torch.Tensor:
     """Write this step's k/v into the cache, then attend over everything cached so far.
 
     Used for prompt prefill (one or several chunks) and for decode. The caller advances

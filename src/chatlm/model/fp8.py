@@ -87,21 +87,31 @@ def dequantize(t8: torch.Tensor, inv_scale: torch.Tensor, dtype: torch.dtype = t
 MatmulFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype, bool], torch.Tensor]
 
 
-def torch_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                    out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
+def torch_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool,
+) -> torch.Tensor:
     """The real kernel (CUDA, SM >= 89). `a` row-major, `b` column-major, scales are inverse scales."""
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
-                            use_fast_accum=use_fast_accum)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
 
 
-def reference_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                        out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:
+def reference_scaled_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale_a: torch.Tensor,
+    scale_b: torch.Tensor,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool,
+) -> torch.Tensor:
     """Dequantize both operands and multiply in fp32 (any device; for tests and debugging)."""
     return (dequantize(a, scale_a) @ dequantize(b, scale_b)).to(out_dtype)
 
 
-def check_scaled_mm_operands(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor,
-                             scale_b: torch.Tensor) -> None:
+def check_scaled_mm_operands(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> None:
     """Assert the operand contract of tensorwise `torch._scaled_mm` (raises AssertionError)."""
     fp8 = (E4M3, E5M2)
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0], (tuple(a.shape), tuple(b.shape))
@@ -109,8 +119,9 @@ def check_scaled_mm_operands(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Te
     assert not (a.dtype == E5M2 and b.dtype == E5M2), "e5m2 x e5m2 is not supported"
     assert a.stride(1) == 1 and a.stride(0) == a.shape[1], f"first operand must be row-major, strides {a.stride()}"
     assert b.stride(0) == 1 and b.stride(1) == b.shape[0], f"second operand must be column-major, strides {b.stride()}"
-    assert a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0, \
+    assert a.shape[1] % 16 == 0 and b.shape[1] % 16 == 0, (
         f"dims must be divisible by 16: {tuple(a.shape)} @ {tuple(b.shape)}"
+    )
     for s in (scale_a, scale_b):
         assert s.numel() == 1 and s.dtype == torch.float32, (s.shape, s.dtype)
 
@@ -200,7 +211,7 @@ class Float8Linear(Linear):
         return fp8_linear(x, weight)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Float8Linear":
+    def from_linear(cls, lin: nn.Linear) -> Float8Linear:
         if lin.bias is not None:
             raise ValueError("Float8Linear has no bias; convert only bias-free Linears")
         new = cls(lin.in_features, lin.out_features, device="meta")
@@ -250,8 +261,9 @@ def fp8_disabled(model: nn.Module) -> Iterator[nn.Module]:
     The very same Float8Linear objects are put back on exit, also when the body raises. A model
     without Float8Linears passes through unchanged.
     """
-    swapped: list[tuple[str, Float8Linear]] = [(name, m) for name, m in model.named_modules()
-                                               if isinstance(m, Float8Linear)]
+    swapped: list[tuple[str, Float8Linear]] = [
+        (name, m) for name, m in model.named_modules() if isinstance(m, Float8Linear)
+    ]
     for name, m in swapped:
         _replace(model, name, m.to_linear())
     try:

@@ -74,8 +74,15 @@ class CausalSelfAttention(nn.Module):
         # resolved here, never inside a compiled trace (as GPT._triton)
         self._rope_triton = torch.cuda.is_available() and triton_usable(self.head_dim)
 
-    def forward(self, x: torch.Tensor, ve: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-                backend: str, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        ve: Optional[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        backend: str,
+        kv_cache: Optional[KVCache],
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if self.fused_prologue(x):
@@ -98,7 +105,7 @@ class CausalSelfAttention(nn.Module):
     def value_extra(self, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
         """What the value embedding adds to v: gate = range * sigmoid(W x[:channels]), one per kv head."""
         B, T, _ = x.shape
-        gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+        gate = self.ve_gate_range * torch.sigmoid(self.ve_gate(x[..., : self.ve_gate_channels]))
         return gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
 
     def same_kind_qkv(self) -> bool:
@@ -162,9 +169,14 @@ class GPT(nn.Module):
     between calls, e.g. to evaluate one model under two kernels.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: Optional[int] = None,
-                 compute_dtype: torch.dtype = torch.float32, attention_backend: str = "sdpa",
-                 device=None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: Optional[int] = None,
+        compute_dtype: torch.dtype = torch.float32,
+        attention_backend: str = "sdpa",
+        device=None,
+    ):
         super().__init__()
         self.config = cfg
         self.dims = dims = derive_dims(cfg, vocab_size)
@@ -179,9 +191,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, dims, i, device=device) for i in range(L)])
         self.lm_head = Linear(C, Vp, device=device)
         kv_dim = dims.n_kv_head * dims.head_dim
-        self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(Vp, kv_dim, device=device, dtype=emb_dtype) for i in sorted(dims.ve_layers)
-        })
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(Vp, kv_dim, device=device, dtype=emb_dtype) for i in sorted(dims.ve_layers)}
+        )
         self.resid_lambdas = nn.Parameter(torch.ones(L, device=device))
         self.x0_lambdas = nn.Parameter(torch.zeros(L, device=device))
         if cfg.smear:
@@ -202,9 +214,11 @@ class GPT(nn.Module):
     @attention_backend.setter
     def attention_backend(self, name: str) -> None:
         if name not in BACKENDS:
-            raise ConfigError("model.attention_backend",
-                              f"GPT needs a resolved backend ({', '.join(BACKENDS)}; resolve 'auto' with "
-                              f"chatlm.model.select_backend), got {name!r}")
+            raise ConfigError(
+                "model.attention_backend",
+                f"GPT needs a resolved backend ({', '.join(BACKENDS)}; resolve 'auto' with "
+                f"chatlm.model.select_backend), got {name!r}",
+            )
         prepare_backend(name)  # imports/op registration happen here, never inside a compiled trace
         self._attention_backend = name
 
@@ -216,8 +230,10 @@ class GPT(nn.Module):
         inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))
         t = torch.arange(self.dims.rope_len, dtype=torch.float32, device=device)
         angles = torch.outer(t, inv_freq)
-        return (angles.cos().to(self.compute_dtype)[None, :, None, :],
-                angles.sin().to(self.compute_dtype)[None, :, None, :])
+        return (
+            angles.cos().to(self.compute_dtype)[None, :, None, :],
+            angles.sin().to(self.compute_dtype)[None, :, None, :],
+        )
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -272,8 +288,15 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
         """An empty cache in the compute dtype for this model's shapes."""
         d = self.dims
-        return KVCache(d.n_layer, batch_size, max_len, d.n_kv_head, d.head_dim, self.compute_dtype,
-                       device if device is not None else self.lm_head.weight.device)
+        return KVCache(
+            d.n_layer,
+            batch_size,
+            max_len,
+            d.n_kv_head,
+            d.head_dim,
+            self.compute_dtype,
+            device if device is not None else self.lm_head.weight.device,
+        )
 
     def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
         """x[t] += smear_lambda * sigmoid(w . x[t][:k]) * x[t-1], from the pre-smear embeddings.
@@ -294,8 +317,13 @@ class GPT(nn.Module):
             kv_cache.prev_embedding = x[:, -1:].detach().clone()
         return out
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                kv_cache: Optional[KVCache] = None, loss_reduction: str = "mean") -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
         """Logits (B, T, V) in fp32, or the cross-entropy loss when `targets` is given.
 
         Targets equal to -1 are ignored. loss_reduction 'none' returns a flat (B*T,) vector.
@@ -304,7 +332,7 @@ class GPT(nn.Module):
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.cos.size(1):
             raise ValueError(f"positions up to {t0 + T} exceed the RoPE table ({self.cos.size(1)})")
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]
         backend = self.attention_backend
 
         x = norm(self.wte(idx).to(self.compute_dtype))
@@ -357,8 +385,13 @@ class GPT(nn.Module):
                 scalars += sum(p.numel() for p in extra.parameters())
             elif extra is not None:
                 scalars += extra.numel()
-        counts = {"wte": wte, "value_embeds": ve, "lm_head": lm_head, "transformer_matrices": matrices,
-                  "scalars": scalars}
+        counts = {
+            "wte": wte,
+            "value_embeds": ve,
+            "lm_head": lm_head,
+            "transformer_matrices": matrices,
+            "scalars": scalars,
+        }
         counts["total"] = sum(counts.values())
         assert counts["total"] == sum(p.numel() for p in self.parameters())
         return counts

@@ -57,8 +57,7 @@ NANOCHAT_KEYS: dict[str, str] = {
 }
 
 #: the fields nanochat persists in meta_<step>.json["model_config"] (spec §1.1), all required
-NANOCHAT_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
-                          "window_pattern")
+NANOCHAT_CONFIG_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern")
 
 COMPILE_PREFIX = "_orig_mod."
 _MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -105,7 +104,7 @@ def strip_compile_prefix(state: dict) -> dict:
     out = {}
     for k, v in state.items():
         while k.startswith(COMPILE_PREFIX):
-            k = k[len(COMPILE_PREFIX):]
+            k = k[len(COMPILE_PREFIX) :]
         if k in out:
             raise NanochatImportError(f"state dict has key {k!r} both with and without the '{COMPILE_PREFIX}' prefix")
         out[k] = v
@@ -148,12 +147,14 @@ def model_config_from_nanochat(nc: dict, where: str = "model_config") -> ModelCo
         raise NanochatImportError(
             f"{where}: model_config lacks field(s) {', '.join(map(repr, missing))} (needs all of "
             f"{', '.join(NANOCHAT_CONFIG_FIELDS)}); checkpoints from before sliding windows (2026-01-11) "
-            "have no window_pattern and also predate value embeddings, which chatlm cannot import")
+            "have no window_pattern and also predate value embeddings, which chatlm cannot import"
+        )
     unknown = sorted(set(nc) - set(NANOCHAT_CONFIG_FIELDS))
     if unknown:
         raise NanochatImportError(
             f"{where}: model_config has unknown field(s) {', '.join(map(repr, unknown))}: a nanochat newer than "
-            "92d63d4 (or a fork) with architecture options chatlm does not know; refusing to guess")
+            "92d63d4 (or a fork) with architecture options chatlm does not know; refusing to guess"
+        )
     L = _int_field(nc, "n_layer", where)
     C = _int_field(nc, "n_embd", where)
     H = _int_field(nc, "n_head", where)
@@ -174,14 +175,21 @@ def model_config_from_nanochat(nc: dict, where: str = "model_config") -> ModelCo
     if aspect < 1 or model_width(L, aspect, head_dim) != C:
         raise NanochatImportError(
             f"{where}: n_embd={C} with n_layer={L}, head_dim={head_dim} cannot be expressed as chatlm's "
-            "ceil(depth * aspect_ratio / head_dim) * head_dim")
+            "ceil(depth * aspect_ratio / head_dim) * head_dim"
+        )
     cfg = ModelConfig()  # defaults = nanochat's hard-coded constants at 92d63d4
     short = min(nanochat_short_window(T), T)
     default_short = default_short_window(T, cfg.short_window_divisor, cfg.window_round)
     try:
         return ModelConfig(
-            name=f"nanochat_d{L}", depth=L, aspect_ratio=aspect, head_dim=head_dim,
-            n_kv_head=None if Hkv == H else Hkv, sequence_len=T, vocab_size=V, window_pattern=pattern,
+            name=f"nanochat_d{L}",
+            depth=L,
+            aspect_ratio=aspect,
+            head_dim=head_dim,
+            n_kv_head=None if Hkv == H else Hkv,
+            sequence_len=T,
+            vocab_size=V,
+            window_pattern=pattern,
             short_window=None if short == default_short else short,
         )
     except ConfigError as e:
@@ -207,8 +215,10 @@ def read_nanochat_checkpoint(ckpt_dir: PathLike, step: Optional[int] = None) -> 
     """(state_dict with prefixes stripped, meta, step) of a nanochat checkpoint directory."""
     d = Path(ckpt_dir).expanduser()
     if not d.is_dir():
-        raise NanochatImportError(f"{d} is not a directory: pass a nanochat checkpoint directory such as "
-                                  "~/.cache/nanochat/base_checkpoints/d24")
+        raise NanochatImportError(
+            f"{d} is not a directory: pass a nanochat checkpoint directory such as "
+            "~/.cache/nanochat/base_checkpoints/d24"
+        )
     steps = find_steps(d)
     if not steps:
         raise NanochatImportError(f"{d} has no model_<step>.pt files: not a nanochat checkpoint directory")
@@ -230,8 +240,9 @@ def read_nanochat_checkpoint(ckpt_dir: PathLike, step: Optional[int] = None) -> 
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise NanochatImportError(f"{model_path} cannot be loaded ({type(e).__name__}: "
-                                  f"{(str(e).splitlines() or [''])[0][:200]})") from e
+        raise NanochatImportError(
+            f"{model_path} cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+        ) from e
     if not isinstance(state, dict):
         raise NanochatImportError(f"{model_path} does not hold a state dict (got {type(state).__name__})")
     return strip_compile_prefix(state), meta, step
@@ -260,15 +271,18 @@ def convert_state_dict(state: dict, cfg: ModelConfig, where: str = "model") -> d
         raise NanochatImportError(
             f"{where}: {'; '.join(parts)} for a nanochat_d{cfg.depth} of nanochat 92d63d4's architecture "
             "(checkpoints from before value embeddings (2026-01-18) or smear/backout (2026-03-14) are not "
-            "supported; if nanochat renamed a tensor, fix chatlm.model.nanochat_import.NANOCHAT_KEYS)")
+            "supported; if nanochat renamed a tensor, fix chatlm.model.nanochat_import.NANOCHAT_KEYS)"
+        )
     for name, v in out.items():
         want = expected[name].shape
         if v.shape != want:
             if v.numel() == 1 and want == torch.Size([]):
                 out[name] = v.reshape(())
             else:
-                raise NanochatImportError(f"{where}: {nanochat_key(name)} has shape {tuple(v.shape)}, expected "
-                                          f"{tuple(want)} from model_config")
+                raise NanochatImportError(
+                    f"{where}: {nanochat_key(name)} has shape {tuple(v.shape)}, expected "
+                    f"{tuple(want)} from model_config"
+                )
         if not out[name].is_floating_point():
             raise NanochatImportError(f"{where}: {nanochat_key(name)} has dtype {v.dtype}, expected floating point")
     return {k: out[k] for k in expected}  # chatlm's order
@@ -290,12 +304,18 @@ def import_nanochat(ckpt_dir: PathLike, out_dir: PathLike, step: Optional[int] =
     model_state = convert_state_dict(state, cfg, str(ckpt_dir / f"model_{step:06d}.pt"))
     dims = derive_dims(cfg)
     out_meta = {
-        "source": "nanochat", "source_path": str(ckpt_dir.resolve()), "source_step": step,
-        "source_model_config": meta["model_config"], "world_size": 1,
-        "model_config": model_config_dict(cfg), "vocab_size": cfg.vocab_size, "derived": dims.as_dict(),
+        "source": "nanochat",
+        "source_path": str(ckpt_dir.resolve()),
+        "source_step": step,
+        "source_model_config": meta["model_config"],
+        "world_size": 1,
+        "model_config": model_config_dict(cfg),
+        "vocab_size": cfg.vocab_size,
+        "derived": dims.as_dict(),
     }
     for key in ("val_bpb",):
         if key in meta:
             out_meta[f"source_{key}"] = meta[key]
-    return save_checkpoint(out_dir, step, model_state=model_state, optim_state={}, loader_states=[{}],
-                           rng_states=[{}], meta=out_meta)
+    return save_checkpoint(
+        out_dir, step, model_state=model_state, optim_state={}, loader_states=[{}], rng_states=[{}], meta=out_meta
+    )

@@ -63,8 +63,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def qkv_rope_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra: Optional[torch.Tensor],
-                   n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope_torch(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_extra: Optional[torch.Tensor],
+    n_head: int,
+    n_kv_head: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """nanochat's prologue, from the q|k|v row: the reference for the kernels."""
     B, T, width = qkv.shape
     D = width // (n_head + 2 * n_kv_head)
@@ -77,8 +84,15 @@ def qkv_rope_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_ex
     return q, k, v.contiguous()
 
 
-def qkv_rope_forward_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra: Optional[torch.Tensor],
-                           n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, ...]:
+def qkv_rope_forward_torch(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_extra: Optional[torch.Tensor],
+    n_head: int,
+    n_kv_head: int,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
     """The kernel's forward in PyTorch (the op's path off CUDA): per head, rstd of the raw x, then
     normalize, rotate and scale in fp32, one rounding. Returns new tensors (q, k, v, rq, rk)."""
     B, T, width = qkv.shape
@@ -98,9 +112,18 @@ def qkv_rope_forward_torch(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return q, k, v.to(qkv.dtype), rq, rk
 
 
-def qkv_rope_backward_torch(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                            rq: torch.Tensor, rk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                            scale: float) -> torch.Tensor:
+def qkv_rope_backward_torch(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rq: torch.Tensor,
+    rk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """The gradient of the q|k|v row, in fp32 like the kernel, from the outputs q and k and the
     rstds (see qkv_rope_triton for the derivation)."""
     c, s = cos.float(), sin.float()
@@ -119,9 +142,15 @@ def _use_triton(x: torch.Tensor, head_dim: int) -> bool:
 
 
 @torch.library.custom_op("chatlm::qkv_rope", mutates_args=())
-def qkv_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra: Optional[torch.Tensor],
-                n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor, torch.Tensor]:
+def qkv_rope_op(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_extra: Optional[torch.Tensor],
+    n_head: int,
+    n_kv_head: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, k, v, rstd of q's heads, rstd of k's heads); see the module doc."""
     if _use_triton(qkv, qkv.size(-1) // (n_head + 2 * n_kv_head)):
         from chatlm.model.qkv_rope_triton import qkv_rope_fwd_triton
@@ -134,14 +163,28 @@ def qkv_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra
 def _(qkv, cos, sin, v_extra, n_head, n_kv_head, scale):
     B, T, width = qkv.shape
     D = width // (n_head + 2 * n_kv_head)
-    return (qkv.new_empty(B, T, n_head, D), qkv.new_empty(B, T, n_kv_head, D), qkv.new_empty(B, T, n_kv_head, D),
-            qkv.new_empty(B, T, n_head, dtype=torch.float32), qkv.new_empty(B, T, n_kv_head, dtype=torch.float32))
+    return (
+        qkv.new_empty(B, T, n_head, D),
+        qkv.new_empty(B, T, n_kv_head, D),
+        qkv.new_empty(B, T, n_kv_head, D),
+        qkv.new_empty(B, T, n_head, dtype=torch.float32),
+        qkv.new_empty(B, T, n_kv_head, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("chatlm::qkv_rope_backward", mutates_args=())
-def qkv_rope_backward_op(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                         rq: torch.Tensor, rk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         scale: float) -> torch.Tensor:
+def qkv_rope_backward_op(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rq: torch.Tensor,
+    rk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     if _use_triton(q, q.size(-1)):
         from chatlm.model.qkv_rope_triton import qkv_rope_bwd_triton
 
@@ -175,7 +218,14 @@ def _backward(ctx, dq, dk, dv, _drq, _drk):
 qkv_rope_op.register_autograd(_backward, setup_context=_setup)
 
 
-def qkv_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra: Optional[torch.Tensor],
-             n_head: int, n_kv_head: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_extra: Optional[torch.Tensor],
+    n_head: int,
+    n_kv_head: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, T, H, D), k and v (B, T, Hkv, D) from the q|k|v matmul output (see the module doc)."""
     return qkv_rope_op(qkv, cos, sin, v_extra, n_head, n_kv_head, float(scale))[:3]

@@ -10,7 +10,8 @@ Everything is computed in fp32 and rounded once on the way out.
 
 RMS-norm then rotation equals nanochat's rotation then RMS-norm, since a rotation of the
 (j, j + D/2) pairs keeps each head's mean square; with bf16 tables it is a rotation only to about
-2^-8, so the two orders differ by about 2e-4 relative (below bf16 rounding). With n = x * rstd, y1 = s (n1 cos + n2 sin) and
+2^-8, so the two orders differ by about 2e-4 relative (below bf16 rounding). With n = x * rstd,
+y1 = s (n1 cos + n2 sin) and
 y2 = s (n2 cos - n1 sin) for the scale s, the backward recovers n = R^-1(y) / s, where
 R^-1 = R^T / (cos^2 + sin^2) (the tables are bf16, so R is a rotation only to bf16 precision),
 takes dn = s R^T(g), and returns dx = rstd * (dn - n * mean(dn * n)).
@@ -83,9 +84,31 @@ def _token(COS, SIN, T, s_cs, D: tl.constexpr):
 
 
 @triton.jit
-def _qkv_rope_fwd_kernel(QKV, COS, SIN, VX, Q, K, V, RQ, RK, T, s_b, s_t, s_cs, s_vx_b, s_vx_t, scale, eps,
-                         H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, HKVP: tl.constexpr,
-                         D: tl.constexpr, HAS_VX: tl.constexpr):
+def _qkv_rope_fwd_kernel(
+    QKV,
+    COS,
+    SIN,
+    VX,
+    Q,
+    K,
+    V,
+    RQ,
+    RK,
+    T,
+    s_b,
+    s_t,
+    s_cs,
+    s_vx_b,
+    s_vx_t,
+    scale,
+    eps,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    HP: tl.constexpr,
+    HKVP: tl.constexpr,
+    D: tl.constexpr,
+    HAS_VX: tl.constexpr,
+):
     row, b, t, c, s = _token(COS, SIN, T, s_cs, D)
     src = QKV + b * s_b + t * s_t
     _heads_fwd(src, Q + row * (H * D), RQ + row * H, c, s, scale, eps, H, HP, D)
@@ -100,15 +123,51 @@ def _qkv_rope_fwd_kernel(QKV, COS, SIN, VX, Q, K, V, RQ, RK, T, s_b, s_t, s_cs, 
 
 
 @triton.jit
-def _qkv_rope_bwd_kernel(DQ, DK, DV, Q, K, RQ, RK, COS, SIN, DQKV, T, s_cs,
-                         s_dq_b, s_dq_t, s_dq_h, s_dk_b, s_dk_t, s_dk_h, s_dv_b, s_dv_t, s_dv_h, scale,
-                         H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, HKVP: tl.constexpr,
-                         D: tl.constexpr):
+def _qkv_rope_bwd_kernel(
+    DQ,
+    DK,
+    DV,
+    Q,
+    K,
+    RQ,
+    RK,
+    COS,
+    SIN,
+    DQKV,
+    T,
+    s_cs,
+    s_dq_b,
+    s_dq_t,
+    s_dq_h,
+    s_dk_b,
+    s_dk_t,
+    s_dk_h,
+    s_dv_b,
+    s_dv_t,
+    s_dv_h,
+    scale,
+    H: tl.constexpr,
+    HKV: tl.constexpr,
+    HP: tl.constexpr,
+    HKVP: tl.constexpr,
+    D: tl.constexpr,
+):
     row, b, t, c, s = _token(COS, SIN, T, s_cs, D)
     out = DQKV + row * ((H + 2 * HKV) * D)
     _heads_bwd(DQ + b * s_dq_b + t * s_dq_t, s_dq_h, Q + row * (H * D), RQ + row * H, out, c, s, scale, H, HP, D)
-    _heads_bwd(DK + b * s_dk_b + t * s_dk_t, s_dk_h, K + row * (HKV * D), RK + row * HKV, out + H * D, c, s, scale,
-               HKV, HKVP, D)
+    _heads_bwd(
+        DK + b * s_dk_b + t * s_dk_t,
+        s_dk_h,
+        K + row * (HKV * D),
+        RK + row * HKV,
+        out + H * D,
+        c,
+        s,
+        scale,
+        HKV,
+        HKVP,
+        D,
+    )
     h = tl.arange(0, HKVP)[:, None]
     e = tl.arange(0, D)[None, :]
     m = h < HKV
@@ -122,8 +181,16 @@ def _check_rows(*tensors: torch.Tensor) -> None:
             raise ValueError(f"qkv_rope kernels need unit stride in the last dim, got strides {x.stride()}")
 
 
-def qkv_rope_fwd_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, v_extra, n_head: int,
-                        n_kv_head: int, scale: float, eps: float) -> tuple[torch.Tensor, ...]:
+def qkv_rope_fwd_triton(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    v_extra,
+    n_head: int,
+    n_kv_head: int,
+    scale: float,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
     """qkv: (B, T, (H + 2 Hkv) D) with contiguous rows; cos, sin: (1, T, 1, D/2); v_extra:
     (B, T, Hkv, D) or None. Returns contiguous q (B, T, H, D), k and v (B, T, Hkv, D), and the
     rstds of q's and k's heads, (B, T, H) and (B, T, Hkv) in fp32."""
@@ -139,15 +206,46 @@ def qkv_rope_fwd_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     rk = qkv.new_empty(B, T, n_kv_head, dtype=torch.float32)
     vx = v_extra if v_extra is not None else v
     _qkv_rope_fwd_kernel[(B * T,)](
-        qkv, cos, sin, vx, q, k, v, rq, rk, T, qkv.stride(0), qkv.stride(1), cos.stride(1), vx.stride(0),
-        vx.stride(1), scale, eps, H=n_head, HKV=n_kv_head, HP=triton.next_power_of_2(n_head),
-        HKVP=triton.next_power_of_2(n_kv_head), D=D, HAS_VX=v_extra is not None, num_warps=NUM_WARPS)
+        qkv,
+        cos,
+        sin,
+        vx,
+        q,
+        k,
+        v,
+        rq,
+        rk,
+        T,
+        qkv.stride(0),
+        qkv.stride(1),
+        cos.stride(1),
+        vx.stride(0),
+        vx.stride(1),
+        scale,
+        eps,
+        H=n_head,
+        HKV=n_kv_head,
+        HP=triton.next_power_of_2(n_head),
+        HKVP=triton.next_power_of_2(n_kv_head),
+        D=D,
+        HAS_VX=v_extra is not None,
+        num_warps=NUM_WARPS,
+    )
     return q, k, v, rq, rk
 
 
-def qkv_rope_bwd_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                        rq: torch.Tensor, rk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+def qkv_rope_bwd_triton(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rq: torch.Tensor,
+    rk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """The gradient of the q|k|v row (B, T, (H + 2 Hkv) D), contiguous, in q's dtype, from the
     gradients of q, k and v (any strides with a contiguous last dim: FlexAttention's come
     transposed) and the forward's contiguous q, k and rstds."""
@@ -158,8 +256,33 @@ def qkv_rope_bwd_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, q:
         raise ValueError("qkv_rope backward needs the forward's contiguous q, k and rstds")
     dqkv = q.new_empty(B, T, (H + 2 * Hkv) * D)
     _qkv_rope_bwd_kernel[(B * T,)](
-        dq, dk, dv, q, k, rq, rk, cos, sin, dqkv, T, cos.stride(1),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), scale,
-        H=H, HKV=Hkv, HP=triton.next_power_of_2(H), HKVP=triton.next_power_of_2(Hkv), D=D, num_warps=NUM_WARPS)
+        dq,
+        dk,
+        dv,
+        q,
+        k,
+        rq,
+        rk,
+        cos,
+        sin,
+        dqkv,
+        T,
+        cos.stride(1),
+        dq.stride(0),
+        dq.stride(1),
+        dq.stride(2),
+        dk.stride(0),
+        dk.stride(1),
+        dk.stride(2),
+        dv.stride(0),
+        dv.stride(1),
+        dv.stride(2),
+        scale,
+        H=H,
+        HKV=Hkv,
+        HP=triton.next_power_of_2(H),
+        HKVP=triton.next_power_of_2(Hkv),
+        D=D,
+        num_warps=NUM_WARPS,
+    )
     return dqkv

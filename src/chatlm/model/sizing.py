@@ -51,11 +51,18 @@ class ModelDims:
     def as_dict(self) -> dict:
         """Plain builtins, for `derived:` in config.resolved.yaml and checkpoint metadata."""
         return {
-            "n_layer": self.n_layer, "n_embd": self.n_embd, "n_head": self.n_head,
-            "n_kv_head": self.n_kv_head, "head_dim": self.head_dim, "sequence_len": self.sequence_len,
-            "vocab_size": self.vocab_size, "padded_vocab_size": self.padded_vocab_size,
-            "short_window": self.short_window, "windows": list(self.windows),
-            "ve_layers": sorted(self.ve_layers), "backout_layer": self.backout_layer,
+            "n_layer": self.n_layer,
+            "n_embd": self.n_embd,
+            "n_head": self.n_head,
+            "n_kv_head": self.n_kv_head,
+            "head_dim": self.head_dim,
+            "sequence_len": self.sequence_len,
+            "vocab_size": self.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size,
+            "short_window": self.short_window,
+            "windows": list(self.windows),
+            "ve_layers": sorted(self.ve_layers),
+            "backout_layer": self.backout_layer,
             "rope_len": self.rope_len,
         }
 
@@ -102,8 +109,16 @@ def derive_dims(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelDims
     vocab = vocab_size if vocab_size is not None else cfg.vocab_size
     if vocab is None or vocab < 1:
         raise ConfigError("model.vocab_size", f"needs a positive vocabulary size (from the tokenizer), got {vocab}")
-    for key in ("depth", "aspect_ratio", "head_dim", "sequence_len", "vocab_pad_multiple",
-                "short_window_divisor", "window_round", "rope_table_factor"):
+    for key in (
+        "depth",
+        "aspect_ratio",
+        "head_dim",
+        "sequence_len",
+        "vocab_pad_multiple",
+        "short_window_divisor",
+        "window_round",
+        "rope_table_factor",
+    ):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(cfg, key)}")
     if cfg.head_dim % 2:

@@ -44,16 +44,17 @@ def softcap_logits(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
 
 
-def plain_softcap_ce(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-                     reduction: str = "mean") -> torch.Tensor:
+def plain_softcap_ce(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, reduction: str = "mean"
+) -> torch.Tensor:
     """nanochat's expression: `F.cross_entropy` over `softcap_logits`, with ignore_index=-1."""
     logits = softcap_logits(logits, softcap)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                           reduction=reduction)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction=reduction)
 
 
-def softcap_ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int,
-                          grad: torch.Tensor) -> torch.Tensor:
+def softcap_ce_rows_torch(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int, grad: torch.Tensor
+) -> torch.Tensor:
     """The kernel's contract in PyTorch: per-row losses (fp32, 0 for target -1), and d loss_row /
     d logits written into `grad` (zero in columns >= vocab_size and in ignored rows).
 
@@ -84,8 +85,9 @@ def softcap_ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, softcap: 
     return loss
 
 
-def softcap_ce_rows(logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int,
-                    grad: torch.Tensor) -> torch.Tensor:
+def softcap_ce_rows(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int, grad: torch.Tensor
+) -> torch.Tensor:
     """Per-row losses and gradients (see `softcap_ce_rows_torch`): Triton on CUDA when available."""
     if logits.is_cuda and triton_available():
         from chatlm.model.softcap_ce_triton import softcap_ce_rows_triton
@@ -99,8 +101,9 @@ def softcap_ce_rows(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
 
 
 @torch.library.custom_op("chatlm::linear_softcap_ce", mutates_args=())
-def linear_softcap_ce(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float,
-                      vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_softcap_ce(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of row losses, G) for logits = x @ weight^T; x (M, C), weight (V_padded, C), targets (M,)."""
     logits = x @ weight.t()
     loss = softcap_ce_rows(logits, targets, softcap, vocab_size, grad=logits)
@@ -120,8 +123,10 @@ def _linear_setup(ctx, inputs, output):
 
 def _no_double_backward() -> None:
     if torch.is_grad_enabled():  # only backward(create_graph=True) differentiates through a backward
-        raise RuntimeError("the fused softcap cross-entropy has no double backward (G is a constant); "
-                           "use model.loss_kernel=plain for higher-order gradients")
+        raise RuntimeError(
+            "the fused softcap cross-entropy has no double backward (G is a constant); "
+            "use model.loss_kernel=plain for higher-order gradients"
+        )
 
 
 def _linear_backward(ctx, grad_sum, _grad_g):
@@ -148,8 +153,9 @@ linear_softcap_ce.register_autograd(_linear_backward, setup_context=_linear_setu
 
 
 @torch.library.custom_op("chatlm::softcap_ce", mutates_args=())
-def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, softcap: float,
-               vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def softcap_ce(
+    logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of row losses, G) for (M, V_padded) logits."""
     grad = torch.empty_like(logits)
     loss = softcap_ce_rows(logits, targets, softcap, vocab_size, grad=grad)
@@ -179,9 +185,14 @@ softcap_ce.register_autograd(_logits_backward, setup_context=_logits_setup)
 # entry point used by GPT.forward
 
 
-def fused_softcap_ce(x: torch.Tensor, lm_head: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                     targets: torch.Tensor, softcap: float, vocab_size: int,
-                     weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fused_softcap_ce(
+    x: torch.Tensor,
+    lm_head: Optional[Callable[[torch.Tensor], torch.Tensor]],
+    targets: torch.Tensor,
+    softcap: float,
+    vocab_size: int,
+    weight: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Mean softcapped cross-entropy of lm_head(x) over targets != -1 (nan when there are none),
     equal to `plain_softcap_ce(lm_head(x)[..., :vocab_size], targets, softcap)`.
 

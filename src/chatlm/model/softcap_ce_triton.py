@@ -36,8 +36,7 @@ def _tanh(x):
 @triton.jit
 def _tanh_approx(x):
     # the hardware's tanh.approx.f32 (one MUFU op; max relative error about 2^-11)
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                     is_pure=True, pack=1)
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -49,9 +48,21 @@ def _tanh_scaled(x, inv_softcap, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
-                            stride_logits, stride_grad, n_vocab, n_cols, softcap, inv_softcap,
-                            HAS_SOFTCAP: tl.constexpr, BLOCK_SIZE: tl.constexpr, FAST_TANH: tl.constexpr):
+def _softcap_ce_rows_kernel(
+    logits_ptr,
+    grad_ptr,
+    targets_ptr,
+    loss_ptr,
+    stride_logits,
+    stride_grad,
+    n_vocab,
+    n_cols,
+    softcap,
+    inv_softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     logits_row = logits_ptr + row * stride_logits
     grad_row = grad_ptr + row * stride_grad
@@ -98,9 +109,16 @@ def _softcap_ce_rows_kernel(logits_ptr, grad_ptr, targets_ptr, loss_ptr,
         tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
-def softcap_ce_rows_triton(logits: torch.Tensor, targets: torch.Tensor, softcap: float, vocab_size: int,
-                           grad: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS,
-                           fast_tanh: bool = False) -> torch.Tensor:
+def softcap_ce_rows_triton(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float,
+    vocab_size: int,
+    grad: torch.Tensor,
+    block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
+    fast_tanh: bool = False,
+) -> torch.Tensor:
     """Per-row losses (fp32, 0 where target is -1); writes d loss_row / d logits into `grad`.
 
     logits, grad: (M, n_cols) with unit column stride (may be the same tensor); targets: (M,) ints.
@@ -117,7 +135,19 @@ def softcap_ce_rows_triton(logits: torch.Tensor, targets: torch.Tensor, softcap:
         return loss
     block = min(block, triton.next_power_of_2(max(n_cols, 16)))
     _softcap_ce_rows_kernel[(rows,)](
-        logits, grad, targets.contiguous(), loss, logits.stride(0), grad.stride(0), vocab_size, n_cols,
-        float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
-        HAS_SOFTCAP=softcap > 0, BLOCK_SIZE=block, FAST_TANH=fast_tanh, num_warps=num_warps)
+        logits,
+        grad,
+        targets.contiguous(),
+        loss,
+        logits.stride(0),
+        grad.stride(0),
+        vocab_size,
+        n_cols,
+        float(softcap),
+        1.0 / softcap if softcap > 0 else 0.0,
+        HAS_SOFTCAP=softcap > 0,
+        BLOCK_SIZE=block,
+        FAST_TANH=fast_tanh,
+        num_warps=num_warps,
+    )
     return loss

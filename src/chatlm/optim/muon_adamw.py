@@ -66,8 +66,19 @@ MUON_DEFAULTS: dict[str, Any] = {
 # the math (plain functions: tensors and numbers in, in-place updates out)
 
 
-def adamw_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2) -> None:
+def adamw_update(
+    p: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    bias_correction1,
+    bias_correction2,
+) -> None:
     """One AdamW step on one tensor (or one dim-0 shard of it), in place.
 
     All arithmetic is fp32 even when `p` and its moments are stored in bf16 (nanochat keeps wte/VE
@@ -146,11 +157,23 @@ def normuon_scale(u: torch.Tensor, second_moment: torch.Tensor, beta2) -> torch.
     return scaled * (_frobenius(u) / _frobenius(scaled).clamp_min(1e-10))
 
 
-def muon_update(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: torch.Tensor,
-                second_momentum_buffer: torch.Tensor, lr, momentum, weight_decay, beta2, *,
-                ns_steps: int = 5, ns_norm_factor: float = 1.01, use_row_equalize: bool = True,
-                muon_plus: bool = True, cautious_wd: bool = True,
-                compute_dtype: Optional[torch.dtype] = None) -> None:
+def muon_update(
+    params: torch.Tensor,
+    grads: torch.Tensor,
+    momentum_buffer: torch.Tensor,
+    second_momentum_buffer: torch.Tensor,
+    lr,
+    momentum,
+    weight_decay,
+    beta2,
+    *,
+    ns_steps: int = 5,
+    ns_norm_factor: float = 1.01,
+    use_row_equalize: bool = True,
+    muon_plus: bool = True,
+    cautious_wd: bool = True,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> None:
     """One Muon step on a (K, rows, cols) stack of same-shape matrices; `params` updated in place.
 
     Order (spec §2.4): Nesterov-style momentum → cast to the compute dtype → MuonEq row
@@ -162,8 +185,8 @@ def muon_update(params: torch.Tensor, grads: torch.Tensor, momentum_buffer: torc
     rows, cols = params.shape[-2:]
     g = grads.float()
     buf = momentum_buffer.float()
-    buf.mul_(momentum).add_((1 - momentum) * g)        # buf ← lerp(buf, g, 1 - μ)
-    u = (1 - momentum) * g + momentum * buf            # Nesterov look-ahead: lerp(g, buf, μ)
+    buf.mul_(momentum).add_((1 - momentum) * g)  # buf ← lerp(buf, g, 1 - μ)
+    u = (1 - momentum) * g + momentum * buf  # Nesterov look-ahead: lerp(g, buf, μ)
     if momentum_buffer.dtype != torch.float32:
         momentum_buffer.copy_(buf)
 
@@ -245,8 +268,9 @@ class MuonAdamW(torch.optim.Optimizer):
         compile: wrap the two update functions with torch.compile(dynamic=False, fullgraph=True).
     """
 
-    def __init__(self, param_groups: Iterable[dict], *, compute_dtype: Optional[torch.dtype] = None,
-                 compile: bool = False):
+    def __init__(
+        self, param_groups: Iterable[dict], *, compute_dtype: Optional[torch.dtype] = None, compile: bool = False
+    ):
         groups = [dict(g) for g in param_groups]
         for i, group in enumerate(groups):
             group["params"] = list(group["params"])
@@ -259,8 +283,10 @@ class MuonAdamW(torch.optim.Optimizer):
                     group.setdefault(key, value)
                 shapes = {tuple(p.shape) for p in group["params"]}
                 if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-                    raise ValueError(f"param group {i} ({group.get('name', 'muon')}): Muon needs 2-D params "
-                                     f"of one shape, got shapes {sorted(shapes)}")
+                    raise ValueError(
+                        f"param group {i} ({group.get('name', 'muon')}): Muon needs 2-D params "
+                        f"of one shape, got shapes {sorted(shapes)}"
+                    )
             else:
                 raise ValueError(f"param group {i}: kind must be 'adamw' or 'muon', got {kind!r}")
             missing = [k for k in required if k not in group]
@@ -306,8 +332,9 @@ class MuonAdamW(torch.optim.Optimizer):
         state = self.state[p0]
         if not state:
             state["momentum_buffer"] = torch.zeros((chunk, rows, cols), dtype=p0.dtype, device=p0.device)
-            state["second_momentum_buffer"] = torch.zeros(self._muon_second_shape(chunk, rows, cols),
-                                                          dtype=torch.float32, device=p0.device)
+            state["second_momentum_buffer"] = torch.zeros(
+                self._muon_second_shape(chunk, rows, cols), dtype=torch.float32, device=p0.device
+            )
         return state
 
     # -- phase 1: launch gradient reductions -----------------------------------------------------
@@ -359,14 +386,25 @@ class MuonAdamW(torch.optim.Optimizer):
             if sharded:
                 chunk, total = _padded_rows(p.shape[0], world)
                 full = _pad0(p.detach(), total)  # p itself when no padding is needed
-                local = full[rank * chunk:(rank + 1) * chunk]
+                local = full[rank * chunk : (rank + 1) * chunk]
             else:
                 full, local = p.detach(), p.detach()
             state = self._adamw_state(p, tuple(local.shape))
             state["step"] += 1
             t = state["step"]
-            self._adamw_fn(local, grad, state["exp_avg"], state["exp_avg_sq"], lr, b1, b2, eps, wd,
-                           self._scalar(1 - beta1 ** t), self._scalar(1 - beta2 ** t))
+            self._adamw_fn(
+                local,
+                grad,
+                state["exp_avg"],
+                state["exp_avg_sq"],
+                lr,
+                b1,
+                b2,
+                eps,
+                wd,
+                self._scalar(1 - beta1**t),
+                self._scalar(1 - beta2**t),
+            )
             if sharded:
                 work = _all_gather(full, local)
                 finishers.append((work, p, full))
@@ -389,20 +427,31 @@ class MuonAdamW(torch.optim.Optimizer):
             if hi > lo:
                 torch._foreach_copy_(list(owned[: hi - lo].unbind(0)), [p.detach() for p in params[lo:hi]])
         state = self._muon_state(group, chunk)
-        self._muon_fn(owned, grads, state["momentum_buffer"], state["second_momentum_buffer"],
-                      self._scalar(group["lr"]), self._scalar(group["momentum"]),
-                      self._scalar(group["weight_decay"]), self._scalar(group["beta2"]),
-                      ns_steps=int(group["ns_steps"]), ns_norm_factor=float(group["ns_norm_factor"]),
-                      use_row_equalize=bool(group["row_equalize"]), muon_plus=bool(group["muon_plus"]),
-                      cautious_wd=bool(group["cautious_wd"]), compute_dtype=self.compute_dtype)
+        self._muon_fn(
+            owned,
+            grads,
+            state["momentum_buffer"],
+            state["second_momentum_buffer"],
+            self._scalar(group["lr"]),
+            self._scalar(group["momentum"]),
+            self._scalar(group["weight_decay"]),
+            self._scalar(group["beta2"]),
+            ns_steps=int(group["ns_steps"]),
+            ns_norm_factor=float(group["ns_norm_factor"]),
+            use_row_equalize=bool(group["row_equalize"]),
+            muon_plus=bool(group["muon_plus"]),
+            cautious_wd=bool(group["cautious_wd"]),
+            compute_dtype=self.compute_dtype,
+        )
         if world == 1:
             torch._foreach_copy_([p.detach() for p in params], list(owned.unbind(0)))
             return []
         gathered = stacked if stacked.dtype == owned.dtype else torch.empty_like(stacked, dtype=owned.dtype)
         return [(_all_gather(gathered, owned), params, gathered)]
 
-    def set_hyperparameters(self, lr_multiplier: float, muon_momentum: Optional[float] = None,
-                            muon_weight_decay: Optional[float] = None) -> None:
+    def set_hyperparameters(
+        self, lr_multiplier: float, muon_momentum: Optional[float] = None, muon_weight_decay: Optional[float] = None
+    ) -> None:
         """Apply this step's schedules: every group gets lr = initial_lr · lr_multiplier; Muon groups
         also get the scheduled momentum and weight decay (AdamW weight decays stay constant)."""
         for group in self.param_groups:
@@ -428,8 +477,10 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         rank, world = _world()
-        reduced = [self._reduce_adamw(g, world) if g["kind"] == "adamw" else self._reduce_muon(g, world)
-                   for g in self.param_groups]
+        reduced = [
+            self._reduce_adamw(g, world) if g["kind"] == "adamw" else self._reduce_muon(g, world)
+            for g in self.param_groups
+        ]
         finishers = []
         for group, red in zip(self.param_groups, reduced):
             if group["kind"] == "adamw":
@@ -478,8 +529,10 @@ class MuonAdamW(torch.optim.Optimizer):
             else:
                 st = self.state.get(params[0])
                 if st:
-                    entries[0] = {key: _gather_full(st[key], len(params), world).detach().cpu().clone()
-                                  for key in ("momentum_buffer", "second_momentum_buffer")}
+                    entries[0] = {
+                        key: _gather_full(st[key], len(params), world).detach().cpu().clone()
+                        for key in ("momentum_buffer", "second_momentum_buffer")
+                    }
             state_out[gi] = entries
         return {"state": state_out, "param_groups": groups_out}
 
@@ -488,15 +541,18 @@ class MuonAdamW(torch.optim.Optimizer):
         rank, world = _world()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"optimizer state has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}")
+            raise ValueError(
+                f"optimizer state has {len(saved_groups)} param groups, this optimizer {len(self.param_groups)}"
+            )
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             shapes = [tuple(p.shape) for p in group["params"]]
             saved_shapes = [tuple(s) for s in saved["param_shapes"]]
             if saved["kind"] != group["kind"] or saved_shapes != shapes:
-                raise ValueError(f"param group {gi} ({group.get('name', group['kind'])}) does not match the "
-                                 f"saved one: kind {saved['kind']} vs {group['kind']}, shapes {saved_shapes} "
-                                 f"vs {shapes}")
+                raise ValueError(
+                    f"param group {gi} ({group.get('name', group['kind'])}) does not match the "
+                    f"saved one: kind {saved['kind']} vs {group['kind']}, shapes {saved_shapes} "
+                    f"vs {shapes}"
+                )
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             group.update({k: v for k, v in saved.items() if k not in ("params", "param_shapes")})
             params = group["params"]
@@ -511,7 +567,7 @@ class MuonAdamW(torch.optim.Optimizer):
                         t = entry[key].to(device=p.device, dtype=p.dtype)
                         if self._adamw_sharded(p, world):
                             chunk, total = _padded_rows(p.shape[0], world)
-                            t = _pad0(t, total)[rank * chunk:(rank + 1) * chunk].clone()
+                            t = _pad0(t, total)[rank * chunk : (rank + 1) * chunk].clone()
                         st[key] = t.contiguous()
                     self.state[p] = st
             elif 0 in entries:
@@ -520,5 +576,5 @@ class MuonAdamW(torch.optim.Optimizer):
                 st = {}
                 for key, dtype in (("momentum_buffer", p0.dtype), ("second_momentum_buffer", torch.float32)):
                     t = _pad0(entries[0][key].to(device=p0.device, dtype=dtype), total)
-                    st[key] = t[rank * chunk:(rank + 1) * chunk].clone()
+                    st[key] = t[rank * chunk : (rank + 1) * chunk].clone()
                 self.state[p0] = st

@@ -33,12 +33,25 @@ def _params_of(obj: Any) -> list[nn.Parameter]:
 
 
 def _adamw_group(name: str, params: list, lr: float, betas, eps: float, wd: float) -> dict:
-    return {"name": name, "kind": "adamw", "params": params, "lr": lr, "initial_lr": lr,
-            "betas": tuple(float(b) for b in betas), "eps": eps, "weight_decay": wd}
+    return {
+        "name": name,
+        "kind": "adamw",
+        "params": params,
+        "lr": lr,
+        "initial_lr": lr,
+        "betas": tuple(float(b) for b in betas),
+        "eps": eps,
+        "weight_decay": wd,
+    }
 
 
-def build_param_groups(model: nn.Module, optim_cfg: OptimConfig, model_dim: int, batch_lr_scale: float,
-                       muon_weight_decay: Optional[float] = None) -> list[dict]:
+def build_param_groups(
+    model: nn.Module,
+    optim_cfg: OptimConfig,
+    model_dim: int,
+    batch_lr_scale: float,
+    muon_weight_decay: Optional[float] = None,
+) -> list[dict]:
     """Param groups for MuonAdamW (or, with `optim_cfg.kind == adamw`, AdamW only).
 
     Args:
@@ -64,40 +77,82 @@ def build_param_groups(model: nn.Module, optim_cfg: OptimConfig, model_dim: int,
     embed_lr = cfg.embedding_lr * dmodel_scale * batch_lr_scale
 
     groups = [
-        _adamw_group("lm_head", _params_of(model.lm_head),
-                     cfg.unembedding_lr * dmodel_scale * batch_lr_scale, cfg.lm_head_betas, eps, cfg.lm_head_wd),
+        _adamw_group(
+            "lm_head",
+            _params_of(model.lm_head),
+            cfg.unembedding_lr * dmodel_scale * batch_lr_scale,
+            cfg.lm_head_betas,
+            eps,
+            cfg.lm_head_wd,
+        ),
         _adamw_group("wte", _params_of(model.wte), embed_lr, cfg.wte_betas, eps, cfg.wte_wd),
-        _adamw_group("value_embeds", _params_of(getattr(model, "value_embeds", None)),
-                     cfg.ve_lr_mult * embed_lr, cfg.ve_betas, eps, cfg.ve_wd),
-        _adamw_group("resid_lambdas", _params_of(getattr(model, "resid_lambdas", None)),
-                     cfg.resid_lr_mult * cfg.scalar_lr * batch_lr_scale, cfg.resid_betas, eps, cfg.resid_wd),
-        _adamw_group("x0_lambdas", _params_of(getattr(model, "x0_lambdas", None)),
-                     cfg.scalar_lr * batch_lr_scale, cfg.x0_betas, eps, cfg.x0_wd),
-        _adamw_group("gates", _params_of(getattr(model, "smear_gate", None))
-                     + _params_of(getattr(model, "smear_lambda", None))
-                     + _params_of(getattr(model, "backout_lambda", None)),
-                     cfg.gate_lr, cfg.gate_betas, eps, cfg.gate_wd),
+        _adamw_group(
+            "value_embeds",
+            _params_of(getattr(model, "value_embeds", None)),
+            cfg.ve_lr_mult * embed_lr,
+            cfg.ve_betas,
+            eps,
+            cfg.ve_wd,
+        ),
+        _adamw_group(
+            "resid_lambdas",
+            _params_of(getattr(model, "resid_lambdas", None)),
+            cfg.resid_lr_mult * cfg.scalar_lr * batch_lr_scale,
+            cfg.resid_betas,
+            eps,
+            cfg.resid_wd,
+        ),
+        _adamw_group(
+            "x0_lambdas",
+            _params_of(getattr(model, "x0_lambdas", None)),
+            cfg.scalar_lr * batch_lr_scale,
+            cfg.x0_betas,
+            eps,
+            cfg.x0_wd,
+        ),
+        _adamw_group(
+            "gates",
+            _params_of(getattr(model, "smear_gate", None))
+            + _params_of(getattr(model, "smear_lambda", None))
+            + _params_of(getattr(model, "backout_lambda", None)),
+            cfg.gate_lr,
+            cfg.gate_betas,
+            eps,
+            cfg.gate_wd,
+        ),
     ]
     groups = [g for g in groups if g["params"]]
 
     matrices = list(model.blocks.parameters())
     for name, p in model.blocks.named_parameters():
         if p.dim() != 2:
-            raise ValueError(f"blocks.{name} has shape {tuple(p.shape)}: every block parameter is routed to "
-                             "Muon, which needs 2-D matrices")
+            raise ValueError(
+                f"blocks.{name} has shape {tuple(p.shape)}: every block parameter is routed to "
+                "Muon, which needs 2-D matrices"
+            )
     matrix_lr = cfg.matrix_lr * batch_lr_scale
     if cfg.kind == OptimKind.adamw or cfg.kind == "adamw":
         if matrices:
             groups.append(_adamw_group("matrices", matrices, matrix_lr, ADAMW_MATRIX_BETAS, eps, matrix_wd))
     else:
         for shape in sorted({tuple(p.shape) for p in matrices}):
-            groups.append({
-                "name": f"muon_{shape[0]}x{shape[1]}", "kind": "muon",
-                "params": [p for p in matrices if tuple(p.shape) == shape],
-                "lr": matrix_lr, "initial_lr": matrix_lr, "momentum": cfg.momentum, "weight_decay": matrix_wd,
-                "beta2": cfg.normuon_beta2, "ns_steps": cfg.ns_steps, "ns_norm_factor": cfg.ns_norm_factor,
-                "row_equalize": cfg.row_equalize, "muon_plus": cfg.muon_plus, "cautious_wd": cfg.cautious_wd,
-            })
+            groups.append(
+                {
+                    "name": f"muon_{shape[0]}x{shape[1]}",
+                    "kind": "muon",
+                    "params": [p for p in matrices if tuple(p.shape) == shape],
+                    "lr": matrix_lr,
+                    "initial_lr": matrix_lr,
+                    "momentum": cfg.momentum,
+                    "weight_decay": matrix_wd,
+                    "beta2": cfg.normuon_beta2,
+                    "ns_steps": cfg.ns_steps,
+                    "ns_norm_factor": cfg.ns_norm_factor,
+                    "row_equalize": cfg.row_equalize,
+                    "muon_plus": cfg.muon_plus,
+                    "cautious_wd": cfg.cautious_wd,
+                }
+            )
 
     routed = [id(p) for g in groups for p in g["params"]]
     if len(routed) != len(set(routed)):
@@ -108,9 +163,15 @@ def build_param_groups(model: nn.Module, optim_cfg: OptimConfig, model_dim: int,
     return groups
 
 
-def build_optimizer(model: nn.Module, optim_cfg: OptimConfig, model_dim: int, batch_lr_scale: float,
-                    muon_weight_decay: Optional[float] = None, compute_dtype: Optional[torch.dtype] = None,
-                    compile: bool = False) -> MuonAdamW:
+def build_optimizer(
+    model: nn.Module,
+    optim_cfg: OptimConfig,
+    model_dim: int,
+    batch_lr_scale: float,
+    muon_weight_decay: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+    compile: bool = False,
+) -> MuonAdamW:
     """`MuonAdamW` over `build_param_groups(...)` (also for kind=adamw: same sharding, no Muon groups)."""
     groups = build_param_groups(model, optim_cfg, model_dim, batch_lr_scale, muon_weight_decay)
     return MuonAdamW(groups, compute_dtype=compute_dtype, compile=compile)

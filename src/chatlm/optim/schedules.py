@@ -31,8 +31,14 @@ def warmdown_iters(num_iterations: int, warmdown_ratio: float) -> int:
     return round(warmdown_ratio * num_iterations)
 
 
-def lr_multiplier(it: int, num_iterations: int, kind: str = "warmdown", warmup_steps: int = 40,
-                  warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> float:
+def lr_multiplier(
+    it: int,
+    num_iterations: int,
+    kind: str = "warmdown",
+    warmup_steps: int = 40,
+    warmdown_ratio: float = 0.65,
+    final_lr_frac: float = 0.05,
+) -> float:
     """Factor applied to every group's initial_lr at step `it` (0-based; `it` may reach N).
 
     All kinds start with a linear warmup (it+1)/warmup_steps for it < warmup_steps.
@@ -60,16 +66,29 @@ def lr_multiplier(it: int, num_iterations: int, kind: str = "warmdown", warmup_s
 
 def lr_multiplier_from_config(schedule_cfg, it: int, num_iterations: int) -> float:
     """`lr_multiplier` with the fields of a `ScheduleConfig`."""
-    return lr_multiplier(it, num_iterations, schedule_cfg.kind, schedule_cfg.warmup_steps,
-                         schedule_cfg.warmdown_ratio, schedule_cfg.final_lr_frac)
+    return lr_multiplier(
+        it,
+        num_iterations,
+        schedule_cfg.kind,
+        schedule_cfg.warmup_steps,
+        schedule_cfg.warmdown_ratio,
+        schedule_cfg.final_lr_frac,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Muon momentum and weight decay
 
 
-def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float = 0.65, start: float = 0.85,
-                  peak: float = 0.97, warmup_steps: int = 400, end: float = 0.90) -> float:
+def muon_momentum(
+    it: int,
+    num_iterations: int,
+    warmdown_ratio: float = 0.65,
+    start: float = 0.85,
+    peak: float = 0.97,
+    warmup_steps: int = 400,
+    end: float = 0.90,
+) -> float:
     """Muon momentum: start → peak linearly over `warmup_steps`, then peak, then peak → end over the
     LR warmdown. The warmup branch wins when a short run's warmdown begins before it ends.
     """
@@ -93,26 +112,33 @@ def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> floa
 # depth transfer and horizon
 
 
-def auto_batch_size(target_tokens: float, ref_tokens: float, ref_batch_tokens: int = 2 ** 19,
-                    exponent: float = 0.383) -> int:
+def auto_batch_size(
+    target_tokens: float, ref_tokens: float, ref_batch_tokens: int = 2**19, exponent: float = 0.383
+) -> int:
     """Tokens per step, B = 2^round(log2(B_ref · (D / D_ref)^exponent))."""
     return 2 ** round(math.log2(ref_batch_tokens * (target_tokens / ref_tokens) ** exponent))
 
 
-def batch_lr_scale(batch_tokens: int, ref_batch_tokens: int = 2 ** 19) -> float:
+def batch_lr_scale(batch_tokens: int, ref_batch_tokens: int = 2**19) -> float:
     """LR factor sqrt(B / B_ref) for the embedding, unembedding, scalar and matrix LRs."""
     return math.sqrt(batch_tokens / ref_batch_tokens)
 
 
-def scaled_weight_decay(weight_decay: float, batch_tokens: int, target_tokens: float, ref_tokens: float,
-                        ref_batch_tokens: int = 2 ** 19) -> float:
+def scaled_weight_decay(
+    weight_decay: float, batch_tokens: int, target_tokens: float, ref_tokens: float, ref_batch_tokens: int = 2**19
+) -> float:
     """Muon weight decay for this run: wd · sqrt(B / B_ref) · (D_ref / D)."""
     return weight_decay * math.sqrt(batch_tokens / ref_batch_tokens) * (ref_tokens / target_tokens)
 
 
-def num_iterations(batch_tokens: int, steps: int = -1, target_flops: float = -1.0,
-                   flops_per_token: Optional[float] = None, target_param_data_ratio: float = -1.0,
-                   scaling_params: Optional[int] = None) -> int:
+def num_iterations(
+    batch_tokens: int,
+    steps: int = -1,
+    target_flops: float = -1.0,
+    flops_per_token: Optional[float] = None,
+    target_param_data_ratio: float = -1.0,
+    scaling_params: Optional[int] = None,
+) -> int:
     """Training horizon. Precedence: explicit `steps` (> 0), then `target_flops` (> 0):
     round(flops / (flops_per_token · B)), then the data ratio: (ratio · N_scaling) // B.
     """
@@ -133,18 +159,26 @@ def num_iterations(batch_tokens: int, steps: int = -1, target_flops: float = -1.
 class Transfer:
     """The numbers a run derives from its size (logged under `derived:`)."""
 
-    target_tokens: int          # ratio · N_scaling
-    ref_tokens: int             # ratio · N_scaling of the reference model
-    batch_tokens: int           # B (auto or given)
-    batch_lr_scale: float       # sqrt(B / B_ref)
-    weight_decay: float         # Muon WD at step 0 (peak of the cosine)
+    target_tokens: int  # ratio · N_scaling
+    ref_tokens: int  # ratio · N_scaling of the reference model
+    batch_tokens: int  # B (auto or given)
+    batch_lr_scale: float  # sqrt(B / B_ref)
+    weight_decay: float  # Muon WD at step 0 (peak of the cosine)
     num_iterations: int
 
 
-def depth_transfer(scaling_params: int, ref_scaling_params: int, target_param_data_ratio: float = 12.0,
-                   weight_decay: float = 0.28, total_batch_size: int = -1, ref_batch_tokens: int = 2 ** 19,
-                   exponent: float = 0.383, steps: int = -1, target_flops: float = -1.0,
-                   flops_per_token: Optional[float] = None) -> Transfer:
+def depth_transfer(
+    scaling_params: int,
+    ref_scaling_params: int,
+    target_param_data_ratio: float = 12.0,
+    weight_decay: float = 0.28,
+    total_batch_size: int = -1,
+    ref_batch_tokens: int = 2**19,
+    exponent: float = 0.383,
+    steps: int = -1,
+    target_flops: float = -1.0,
+    flops_per_token: Optional[float] = None,
+) -> Transfer:
     """Batch size, LR scale, Muon WD and horizon from the model's and the reference's scaling params.
 
     The reference (d12 with the same aspect ratio, head dim and sequence length) trains with the same
@@ -164,6 +198,7 @@ def depth_transfer(scaling_params: int, ref_scaling_params: int, target_param_da
         batch_tokens=batch,
         batch_lr_scale=batch_lr_scale(batch, ref_batch_tokens),
         weight_decay=scaled_weight_decay(weight_decay, batch, target_tokens, ref_tokens, ref_batch_tokens),
-        num_iterations=num_iterations(batch, steps, target_flops, flops_per_token,
-                                      target_param_data_ratio, scaling_params),
+        num_iterations=num_iterations(
+            batch, steps, target_flops, flops_per_token, target_param_data_ratio, scaling_params
+        ),
     )

@@ -127,8 +127,9 @@ def fmt_stat(values: list[float]) -> str:
     return f"{mean:.6g} ± {std:.3g} (n={len(values)})"
 
 
-def compare_table(runs: list[RunInfo], metrics: list[str], at: Optional[str] = None,
-                  at_value: Optional[float] = None) -> tuple[list[str], list[list[str]]]:
+def compare_table(
+    runs: list[RunInfo], metrics: list[str], at: Optional[str] = None, at_value: Optional[float] = None
+) -> tuple[list[str], list[list[str]]]:
     """One row per run: name, status, the differing config keys, final and best of each metric, and
     with `at` = "tokens" or "flops" the metric at equal tokens/FLOPs (`at_value`, default the
     common horizon: the most that every run reached), interpolated between logged points."""
@@ -155,8 +156,9 @@ def compare_table(runs: list[RunInfo], metrics: list[str], at: Optional[str] = N
     return headers, rows
 
 
-def group_table(runs: list[RunInfo], by: str, metrics: list[str],
-                statuses: tuple[str, ...] = ("completed",)) -> tuple[list[str], list[list[str]]]:
+def group_table(
+    runs: list[RunInfo], by: str, metrics: list[str], statuses: tuple[str, ...] = ("completed",)
+) -> tuple[list[str], list[list[str]]]:
     """One row per value of config key `by` (runs with the given statuses): n and mean ± std (n-1)
     of the final and the best value of each metric over the runs (seeds) of the group."""
     groups: dict[str, list[RunInfo]] = {}
@@ -246,8 +248,7 @@ def _matches(values: tuple, keys: list[str], conditions: list[str]) -> bool:
     return True
 
 
-def find_baseline(settings: list[tuple[tuple, list[RunInfo]]], keys: list[str],
-                  baseline: Optional[list[str]]) -> int:
+def find_baseline(settings: list[tuple[tuple, list[RunInfo]]], keys: list[str], baseline: Optional[list[str]]) -> int:
     """Index of the baseline setting: the first one, or the one matching every KEY=VALUE of `baseline`.
 
     Raises ValueError naming the settings when none matches (or a key is not a setting key)."""
@@ -257,8 +258,10 @@ def find_baseline(settings: list[tuple[tuple, list[RunInfo]]], keys: list[str],
         if "=" not in cond:
             raise ValueError(f"--baseline {cond!r}: expected KEY=VALUE")
         if cond.partition("=")[0].strip() not in keys:
-            raise ValueError(f"--baseline {cond!r}: {cond.partition('=')[0]!r} is not a key that differs "
-                             f"between the settings ({', '.join(keys) or 'none'})")
+            raise ValueError(
+                f"--baseline {cond!r}: {cond.partition('=')[0]!r} is not a key that differs "
+                f"between the settings ({', '.join(keys) or 'none'})"
+            )
     for i, (values, _) in enumerate(settings):
         if _matches(values, keys, baseline):
             return i
@@ -281,8 +284,13 @@ def welch_p(values: list[float], baseline: list[float]) -> Optional[float]:
     return None if result is None else result.p
 
 
-def seed_table(runs: list[RunInfo], metrics: list[str], baseline: Optional[list[str]] = None,
-               split: bool = False, statuses: tuple[str, ...] = ("completed",)) -> tuple[list[str], list[list[str]]]:
+def seed_table(
+    runs: list[RunInfo],
+    metrics: list[str],
+    baseline: Optional[list[str]] = None,
+    split: bool = False,
+    statuses: tuple[str, ...] = ("completed",),
+) -> tuple[list[str], list[list[str]]]:
     """One row per setting (the completed runs that differ only in their seed): n, then per metric the
     mean ± sample std of the final values and the two-sided Welch t-test p-value against the
     baseline setting. `split` (for CSV) gives mean and std as separate numeric columns."""

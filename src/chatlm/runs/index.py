@@ -50,15 +50,16 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_since(text: str, now: Optional[dt.datetime] = None) -> dt.datetime:
     """`2026-11-24`, `2026-11-24T10:00`, or a span back from now: `90m`, `2h`, `3d`, `1w`."""
-    now = now or dt.datetime.now(dt.timezone.utc).astimezone()
+    now = now or dt.datetime.now(dt.UTC).astimezone()
     m = _AGO.match(text)
     if m:
         return now - dt.timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2)])
     try:
         value = dt.datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"--since {text!r}: expected a date (2026-11-24), a time (2026-11-24T10:00) "
-                         "or a span (30m, 2h, 3d, 1w)") from None
+        raise ValueError(
+            f"--since {text!r}: expected a date (2026-11-24), a time (2026-11-24T10:00) or a span (30m, 2h, 3d, 1w)"
+        ) from None
     return value if value.tzinfo else value.astimezone()
 
 
@@ -226,7 +227,9 @@ def find_runs(paths: list[Path], notes: Optional[list[str]] = None) -> list[RunI
             notes.append(f"{root}: not a directory")
             continue
         found_before = len(runs)
-        for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: notes.append(f"{e.filename}: {e.strerror}")):
+        for dirpath, dirnames, filenames in os.walk(
+            root, onerror=lambda e: notes.append(f"{e.filename}: {e.strerror}")
+        ):
             here = Path(dirpath)
             if "run.json" in filenames:
                 dirnames[:] = []
@@ -256,15 +259,17 @@ def resolve_run(spec: str, notes: Optional[list[str]] = None) -> Optional[RunInf
         notes.append(f"{path}: no run.json here")
         return None
     root = output_root()
-    candidates = [r for r in find_runs([root], []) if r.name == spec or r.path.name.endswith(spec)] \
-        if root.is_dir() else []
+    candidates = (
+        [r for r in find_runs([root], []) if r.name == spec or r.path.name.endswith(spec)] if root.is_dir() else []
+    )
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
         notes.append(f"{spec}: not a run directory, and no run of that name under {root}")
     else:
-        notes.append(f"{spec}: ambiguous, {len(candidates)} runs match: "
-                     + ", ".join(str(c.path) for c in candidates[:5]))
+        notes.append(
+            f"{spec}: ambiguous, {len(candidates)} runs match: " + ", ".join(str(c.path) for c in candidates[:5])
+        )
     return None
 
 
@@ -283,8 +288,14 @@ def match_where(run: RunInfo, condition: str) -> bool:
     return actual == parsed or str(actual) == expected
 
 
-def filter_runs(runs: list[RunInfo], *, stage: Optional[str] = None, status: Optional[str] = None,
-                since: Optional[dt.datetime] = None, where: Optional[list[str]] = None) -> list[RunInfo]:
+def filter_runs(
+    runs: list[RunInfo],
+    *,
+    stage: Optional[str] = None,
+    status: Optional[str] = None,
+    since: Optional[dt.datetime] = None,
+    where: Optional[list[str]] = None,
+) -> list[RunInfo]:
     out = []
     for r in runs:
         if stage and r.stage != stage:
@@ -301,6 +312,7 @@ def filter_runs(runs: list[RunInfo], *, stage: Optional[str] = None, status: Opt
 
 def sort_runs(runs: list[RunInfo], key: str = "start") -> list[RunInfo]:
     """By start time, duration, or a final metric (ascending; runs missing the value last)."""
+
     def value(r: RunInfo) -> Any:
         if key == "start":
             return r.start.timestamp() if r.start else None

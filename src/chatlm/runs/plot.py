@@ -91,8 +91,9 @@ def dedupe_by_step(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, r in enumerate(rows):
         if r.get("step") is not None:
             last_index[(r.get("step"), tuple(sorted(r)))] = i
-    return [r for i, r in enumerate(rows)
-            if r.get("step") is None or last_index[(r.get("step"), tuple(sorted(r)))] == i]
+    return [
+        r for i, r in enumerate(rows) if r.get("step") is None or last_index[(r.get("step"), tuple(sorted(r)))] == i
+    ]
 
 
 def curve(run: RunInfo, metric: str, x_axis: str, notes: list[str]) -> Optional[tuple[list[float], list[float]]]:
@@ -108,8 +109,9 @@ def curve(run: RunInfo, metric: str, x_axis: str, notes: list[str]) -> Optional[
         notes.append(f"{run.path}: skipped for {metric} (no derived.flops_per_token in config.resolved.yaml)")
         return None
     xs = x_values(run, rows, x_axis)
-    points = sorted((x, y) for x, y in zip(xs, (_number(r.get(metric)) for r in rows))
-                    if x is not None and y is not None)
+    points = sorted(
+        (x, y) for x, y in zip(xs, (_number(r.get(metric)) for r in rows)) if x is not None and y is not None
+    )
     if not points:
         notes.append(f"{run.path}: skipped for {metric} (no row has both {metric} and {x_axis})")
         return None
@@ -146,8 +148,9 @@ def run_labels(runs: list[RunInfo]) -> list[str]:
     return labels
 
 
-def collect_series(runs: list[RunInfo], metrics: list[str], x_axis: str, smooth_n: int,
-                   notes: list[str]) -> list[Series]:
+def collect_series(
+    runs: list[RunInfo], metrics: list[str], x_axis: str, smooth_n: int, notes: list[str]
+) -> list[Series]:
     """Every (run, metric) curve that can be drawn, labelled; the others noted."""
     if x_axis not in X_AXES:
         raise ValueError(f"x axis {x_axis!r}: expected one of {', '.join(X_AXES)}")
@@ -171,8 +174,16 @@ def _log_y(ax: Any) -> None:
     ax.yaxis.set_minor_formatter(plain)
 
 
-def draw(series: list[Series], metrics: list[str], x_axis: str, out: Path, *, logy: bool = False,
-         size: tuple[int, int] = DEFAULT_SIZE, smooth_n: int = 1) -> Path:
+def draw(
+    series: list[Series],
+    metrics: list[str],
+    x_axis: str,
+    out: Path,
+    *,
+    logy: bool = False,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    smooth_n: int = 1,
+) -> Path:
     """One panel per metric (side by side), one line per run, saved as a PNG of exactly `size` pixels."""
     import matplotlib
 
@@ -199,9 +210,17 @@ def draw(series: list[Series], metrics: list[str], x_axis: str, out: Path, *, lo
     return out
 
 
-def plot_runs(runs: list[RunInfo], metrics: list[str], x_axis: str, out: Path, *, logy: bool = False,
-              smooth_n: int = 1, size: tuple[int, int] = DEFAULT_SIZE,
-              notes: Optional[list[str]] = None) -> list[Series]:
+def plot_runs(
+    runs: list[RunInfo],
+    metrics: list[str],
+    x_axis: str,
+    out: Path,
+    *,
+    logy: bool = False,
+    smooth_n: int = 1,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    notes: Optional[list[str]] = None,
+) -> list[Series]:
     """Draw the curves of `runs` into the PNG `out` and return what was drawn (nothing written if empty)."""
     notes = notes if notes is not None else []
     series = collect_series(runs, metrics, x_axis, smooth_n, notes)

@@ -66,11 +66,22 @@ class RetryPlan:
             return []
         base = [sys.executable, "-m", f"chatlm.{self.stage}"]
         if self.chatlm_launcher:
-            hydra = [o for o in self.hydra_overrides
-                     if not o.startswith(("hydra.sweep.dir=", "hydra.launcher.only_jobs=", "hydra.mode="))]
+            hydra = [
+                o
+                for o in self.hydra_overrides
+                if not o.startswith(("hydra.sweep.dir=", "hydra.launcher.only_jobs=", "hydra.mode="))
+            ]
             nums = ",".join(str(p.num) for p in self.chosen)
-            return [base + ["-m", *self.task_overrides, *hydra, f"hydra.sweep.dir={quoted(self.sweep_dir)}",
-                            f"hydra.launcher.only_jobs=[{nums}]"]]
+            return [
+                base
+                + [
+                    "-m",
+                    *self.task_overrides,
+                    *hydra,
+                    f"hydra.sweep.dir={quoted(self.sweep_dir)}",
+                    f"hydra.launcher.only_jobs=[{nums}]",
+                ]
+            ]
         hydra = [o for o in self.hydra_overrides if not o.startswith(("hydra.sweep.", "hydra.run.dir=", "hydra.mode="))]
         return [base + [*p.overrides, *hydra, f"hydra.run.dir={quoted(p.run_dir)}"] for p in self.chosen]
 
@@ -130,9 +141,15 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
     multirun = _multirun_config(sweep_dir) if record is None else {}
     if record is not None:
         target = (record.get("launcher") or {}).get("target", "")
-        plan = RetryPlan(sweep_dir, record.get("stage") or "train", record.get("cwd") or ".",
-                         "chatlm_launcher" in target or "chatlm.launcher" in target,
-                         list(record.get("task_overrides") or []), list(record.get("hydra_overrides") or []), [])
+        plan = RetryPlan(
+            sweep_dir,
+            record.get("stage") or "train",
+            record.get("cwd") or ".",
+            "chatlm_launcher" in target or "chatlm.launcher" in target,
+            list(record.get("task_overrides") or []),
+            list(record.get("hydra_overrides") or []),
+            [],
+        )
         known = {int(j["num"]): j for j in record.get("jobs", [])}
         points = _expand_points(plan.task_overrides)
         for num, point in enumerate(points):
@@ -142,8 +159,15 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
     else:
         hydra_cfg = multirun.get("hydra") or {}
         overrides = hydra_cfg.get("overrides") or {}
-        plan = RetryPlan(sweep_dir, str(multirun.get("stage") or "train"), ".", False,
-                         list(overrides.get("task") or []), list(overrides.get("hydra") or []), [])
+        plan = RetryPlan(
+            sweep_dir,
+            str(multirun.get("stage") or "train"),
+            ".",
+            False,
+            list(overrides.get("task") or []),
+            list(overrides.get("hydra") or []),
+            [],
+        )
         for num, point in enumerate(_expand_points(plan.task_overrides)):
             run_dir = existing.get(num) or sweep_dir / f"{num}_{_dirname_for(point, hydra_cfg)}"
             plan.points.append(Point(num, point, run_dir, "missing"))
@@ -157,8 +181,9 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
 # choosing and preparing
 
 
-def plan_retry(sweep_dir: Path, *, failed_only: bool = False, include_running: bool = False,
-               jobs: Optional[list[int]] = None) -> RetryPlan:
+def plan_retry(
+    sweep_dir: Path, *, failed_only: bool = False, include_running: bool = False, jobs: Optional[list[int]] = None
+) -> RetryPlan:
     plan = read_sweep(sweep_dir)
     wanted = ("failed", "preempted") if failed_only else RETRY_STATUSES
     for p in plan.points:
@@ -195,8 +220,16 @@ def set_aside(plan: RetryPlan, resume: bool) -> list[str]:
 # the command
 
 
-def retry(sweep_dir: Path, *, failed_only: bool = False, resume: bool = False, include_running: bool = False,
-          jobs: Optional[list[int]] = None, dry_run: bool = False, out=None) -> int:
+def retry(
+    sweep_dir: Path,
+    *,
+    failed_only: bool = False,
+    resume: bool = False,
+    include_running: bool = False,
+    jobs: Optional[list[int]] = None,
+    dry_run: bool = False,
+    out=None,
+) -> int:
     """`chatlm runs retry`: print the plan, set old attempts aside, run the command(s); the exit code."""
     import os
     import shlex
@@ -207,8 +240,12 @@ def retry(sweep_dir: Path, *, failed_only: bool = False, resume: bool = False, i
     counts: dict[str, int] = {}
     for p in plan.points:
         counts[p.status] = counts.get(p.status, 0) + 1
-    print(f"sweep {plan.sweep_dir}: {len(plan.points)} points (" +
-          ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")", file=out)
+    print(
+        f"sweep {plan.sweep_dir}: {len(plan.points)} points ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + ")",
+        file=out,
+    )
     for note in plan.notes:
         print(f"  note: {note}", file=out)
     if not plan.chosen:

@@ -44,8 +44,7 @@ def _odd_term(a: float, b: float, x: float, m: int) -> float:
 
 def _log_beta_prefactor(a: float, b: float, x: float) -> float:
     """log of x^a (1-x)^b / B(a, b)."""
-    return (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-            + a * math.log(x) + b * math.log1p(-x))
+    return math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
 
 
 def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
@@ -100,5 +99,5 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Optional[WelchResult
     if se2 <= 0:
         return None
     t = (mean_a - mean_b) / math.sqrt(se2)
-    df = se2 ** 2 / (se2_a ** 2 / (len(a) - 1) + se2_b ** 2 / (len(b) - 1))
+    df = se2**2 / (se2_a**2 / (len(a) - 1) + se2_b**2 / (len(b) - 1))
     return WelchResult(t=t, df=df, p=t_two_sided_p(t, df))

@@ -34,11 +34,11 @@ class OfflineRun:
 
     path: Path
     run_id: str
-    log_file: Optional[Path]        # run-<id>.wandb
-    history_rows: Optional[int]     # None: the log could not be read
+    log_file: Optional[Path]  # run-<id>.wandb
+    history_rows: Optional[int]  # None: the log could not be read
     first_step: Optional[int]
     last_step: Optional[int]
-    synced: bool                    # `wandb sync` left its run-<id>.wandb.synced marker
+    synced: bool  # `wandb sync` left its run-<id>.wandb.synced marker
 
     def describe(self) -> str:
         if self.log_file is None:
@@ -64,11 +64,11 @@ def _log_payloads(data: bytes) -> Iterator[bytes]:
         if left < _HEADER:  # the tail of a block too short for a header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk = data[pos + _HEADER:pos + _HEADER + length]
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
         if len(chunk) < length:  # torn at the end (a run still writing, or killed)
             return
         pos += _HEADER + length
@@ -118,10 +118,15 @@ def read_offline_run(offline_dir: Path) -> OfflineRun:
         log_file = found[0] if found else None
     steps = history_steps(log_file) if log_file is not None else None
     synced = log_file is not None and log_file.with_name(log_file.name + ".synced").exists()
-    return OfflineRun(path=offline_dir, run_id=run_id, log_file=log_file,
-                      history_rows=None if steps is None else len(steps),
-                      first_step=min(steps) if steps else None, last_step=max(steps) if steps else None,
-                      synced=synced)
+    return OfflineRun(
+        path=offline_dir,
+        run_id=run_id,
+        log_file=log_file,
+        history_rows=None if steps is None else len(steps),
+        first_step=min(steps) if steps else None,
+        last_step=max(steps) if steps else None,
+        synced=synced,
+    )
 
 
 def offline_runs(run_dir: Path) -> list[OfflineRun]:
@@ -135,8 +140,7 @@ def offline_runs(run_dir: Path) -> list[OfflineRun]:
 
 def online_run_dirs(run_dir: Path) -> list[Path]:
     wandb_dir = Path(run_dir) / WANDB_DIR
-    return sorted(p for p in wandb_dir.glob("run-*") if p.is_dir() and not p.is_symlink()) \
-        if wandb_dir.is_dir() else []
+    return sorted(p for p in wandb_dir.glob("run-*") if p.is_dir() and not p.is_symlink()) if wandb_dir.is_dir() else []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,12 +184,12 @@ def sync_command(offline_dir: Path) -> list[str]:
 class SyncOutcome:
     offline_dir: Path
     ok: bool
-    blocked: bool   # not a fault of the run: no API key, no network (try again later)
+    blocked: bool  # not a fault of the run: no API key, no network (try again later)
     message: str
 
 
 def _last_line(text: str) -> str:
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
 
 
@@ -194,8 +198,15 @@ def classify_failure(offline_dir: Path, returncode: int, output: str) -> SyncOut
     low = output.lower()
     if "no api key" in low or "api key" in low and "not" in low:
         return SyncOutcome(offline_dir, False, True, "no W&B API key: run `wandb login` or set WANDB_API_KEY")
-    network = ("connection refused", "max retries", "timed out", "name or service not known",
-               "temporary failure in name resolution", "network is unreachable", "connectionerror")
+    network = (
+        "connection refused",
+        "max retries",
+        "timed out",
+        "name or service not known",
+        "temporary failure in name resolution",
+        "network is unreachable",
+        "connectionerror",
+    )
     if any(word in low for word in network):
         return SyncOutcome(offline_dir, False, True, f"network error talking to {base_url()}: {_last_line(output)}")
     return SyncOutcome(offline_dir, False, False, f"wandb sync exited with {returncode}: {_last_line(output)}")
@@ -204,11 +215,13 @@ def classify_failure(offline_dir: Path, returncode: int, output: str) -> SyncOut
 def sync_offline_run(offline_dir: Path, timeout_s: float) -> SyncOutcome:
     """`wandb sync OFFLINE_DIR` with a time limit (a hang without network counts as blocked)."""
     try:
-        done = subprocess.run(sync_command(offline_dir), capture_output=True, text=True, timeout=timeout_s,
-                              stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            sync_command(offline_dir), capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
-        return SyncOutcome(offline_dir, False, True,
-                           f"wandb sync did not finish within {timeout_s:g}s (no network to {base_url()}?)")
+        return SyncOutcome(
+            offline_dir, False, True, f"wandb sync did not finish within {timeout_s:g}s (no network to {base_url()}?)"
+        )
     except OSError as e:
         return SyncOutcome(offline_dir, False, False, f"could not start wandb sync: {e}")
     if done.returncode == 0:

@@ -117,8 +117,10 @@ def to_safe(obj: Any, where: str = "state") -> Any:
         return tuple(to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj))
     if isinstance(obj, list):
         return [to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(f"{where}: a {type(obj).__name__} cannot be stored in a weights_only checkpoint; "
-                    "convert it to tensors, numbers, strings, lists or dicts first")
+    raise TypeError(
+        f"{where}: a {type(obj).__name__} cannot be stored in a weights_only checkpoint; "
+        "convert it to tensors, numbers, strings, lists or dicts first"
+    )
 
 
 def _model_state(state: dict) -> dict:
@@ -126,11 +128,14 @@ def _model_state(state: dict) -> dict:
     safe = to_safe(state, "model")
     if any(k.startswith("_orig_mod.") for k in safe):
         cls = type(safe)
-        stripped = cls((k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k, v)
-                       for k, v in safe.items())
+        stripped = cls(
+            (k.replace("_orig_mod.", "", 1) if k.startswith("_orig_mod.") else k, v) for k, v in safe.items()
+        )
         if hasattr(safe, "_metadata"):
-            stripped._metadata = {("" if k == "_orig_mod" else k[len("_orig_mod."):]
-                                   if k.startswith("_orig_mod.") else k): v for k, v in safe._metadata.items()}
+            stripped._metadata = {
+                ("" if k == "_orig_mod" else k[len("_orig_mod.") :] if k.startswith("_orig_mod.") else k): v
+                for k, v in safe._metadata.items()
+            }
         safe = stripped
     return safe
 
@@ -145,10 +150,18 @@ def capture_rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     np_state = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss_next},
-        "numpy": {"name": str(np_state[0]), "keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "name": str(np_state[0]),
+            "keys": torch.from_numpy(np.asarray(np_state[1]).astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     # only once CUDA is initialized: querying it otherwise would create a context for nothing
@@ -280,9 +293,17 @@ def _clean_leftovers(ckpt_dir: Path) -> list[Path]:
 # saving
 
 
-def save_checkpoint(run_dir: PathLike, step: int, *, model_state: dict, optim_state: dict,
-                    loader_states: Sequence[dict], rng_states: Sequence[dict], meta: dict,
-                    keep_last: Optional[int] = None) -> Path:
+def save_checkpoint(
+    run_dir: PathLike,
+    step: int,
+    *,
+    model_state: dict,
+    optim_state: dict,
+    loader_states: Sequence[dict],
+    rng_states: Sequence[dict],
+    meta: dict,
+    keep_last: Optional[int] = None,
+) -> Path:
     """Write `<run_dir>/checkpoints/step_<N>/` atomically and point `checkpoints/latest` at it.
 
     Rank 0 only: the caller gathers the per-rank states first (the optimizer's full state is a
@@ -325,8 +346,13 @@ def save_checkpoint(run_dir: PathLike, step: int, *, model_state: dict, optim_st
     from chatlm import __version__
 
     meta_out = json.loads(json.dumps(meta, default=str))  # a JSON-clean copy (tuples -> lists etc.)
-    meta_out.update(format_version=FORMAT_VERSION, step=step, world_size=world_size, chatlm_version=__version__,
-                    time=dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds"))
+    meta_out.update(
+        format_version=FORMAT_VERSION,
+        step=step,
+        world_size=world_size,
+        chatlm_version=__version__,
+        time=dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="seconds"),
+    )
 
     _remove_tree(tmp)
     tmp.mkdir()
@@ -366,7 +392,7 @@ def prune_checkpoints(ckpt_dir: PathLike, keep_last: int) -> list[Path]:
     latest = _latest_target(ckpt_dir)
     keep = {p for _, p in steps[-keep_last:]} if keep_last > 0 else set()
     removed = []
-    for step, path in steps:
+    for _, path in steps:
         if path in keep or (latest is not None and path.resolve() == latest):
             continue
         doomed = ckpt_dir / f".{path.name}.del-{os.getpid()}"
@@ -391,10 +417,15 @@ def _damaged(step_dir: Path, what: str) -> CheckpointError:
     m = _STEP_RE.match(step_dir.name)
     this = int(m.group(1)) if m else None
     earlier = [p for s, p in others if this is None or s < this]
-    hint = (f"resume from the previous one with resume={earlier[-1]}" if earlier else
-            "no earlier checkpoint exists; start the run again (resume=never) or pick another checkpoint")
-    return CheckpointError(f"{what}: the checkpoint {step_dir} is damaged. Other checkpoints in {ckpt_dir}: "
-                           f"{', '.join(p.name for _, p in others) or 'none'}; {hint}")
+    hint = (
+        f"resume from the previous one with resume={earlier[-1]}"
+        if earlier
+        else "no earlier checkpoint exists; start the run again (resume=never) or pick another checkpoint"
+    )
+    return CheckpointError(
+        f"{what}: the checkpoint {step_dir} is damaged. Other checkpoints in {ckpt_dir}: "
+        f"{', '.join(p.name for _, p in others) or 'none'}; {hint}"
+    )
 
 
 def _is_step_dir(p: Path) -> bool:
@@ -421,8 +452,9 @@ def find_checkpoint(path: PathLike) -> Path:
             raise CheckpointError(f"{p} is a link to {os.readlink(p)}, which does not exist")
         raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
     if not p.is_dir():
-        raise CheckpointError(f"{p} is a file, not a checkpoint: pass a run directory, its checkpoints/ "
-                              "directory or a step_<N> directory")
+        raise CheckpointError(
+            f"{p} is a file, not a checkpoint: pass a run directory, its checkpoints/ directory or a step_<N> directory"
+        )
     if p.is_symlink() or _is_step_dir(p):
         p = p.resolve()
         if _is_step_dir(p):
@@ -432,19 +464,25 @@ def find_checkpoint(path: PathLike) -> Path:
     elif p.name == CHECKPOINTS_DIR or (p / LATEST).is_symlink() or list_checkpoints(p):
         ckpt_dir = p
     else:
-        raise CheckpointError(f"no checkpoint found: looked for {p / CHECKPOINTS_DIR / LATEST} and "
-                              f"{p / CHECKPOINTS_DIR}/step_<N>/; this run has not saved a checkpoint yet "
-                              "(checkpoints are written every save_every steps and at the end)")
+        raise CheckpointError(
+            f"no checkpoint found: looked for {p / CHECKPOINTS_DIR / LATEST} and "
+            f"{p / CHECKPOINTS_DIR}/step_<N>/; this run has not saved a checkpoint yet "
+            "(checkpoints are written every save_every steps and at the end)"
+        )
     target = _latest_target(ckpt_dir)
     if target is not None:
         return target
     complete = [d for _, d in list_checkpoints(ckpt_dir) if (d / META).is_file()]
     if complete:
-        log.warning("checkpoint: %s is missing or broken; using the newest complete checkpoint %s",
-                    ckpt_dir / LATEST, complete[-1])
+        log.warning(
+            "checkpoint: %s is missing or broken; using the newest complete checkpoint %s",
+            ckpt_dir / LATEST,
+            complete[-1],
+        )
         return complete[-1].resolve()
-    raise CheckpointError(f"no checkpoint found in {ckpt_dir}: no valid '{LATEST}' link and no step_<N> "
-                          "directories with a meta.json")
+    raise CheckpointError(
+        f"no checkpoint found in {ckpt_dir}: no valid '{LATEST}' link and no step_<N> directories with a meta.json"
+    )
 
 
 def read_meta(step_dir: PathLike) -> dict:
@@ -460,8 +498,10 @@ def read_meta(step_dir: PathLike) -> dict:
     if not isinstance(meta, dict) or "step" not in meta:
         raise _damaged(step_dir, f"{path} is not a chatlm checkpoint meta (no 'step' key)")
     if int(meta.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {meta['format_version']}, newer than this chatlm "
-                              f"({FORMAT_VERSION}) reads: upgrade chatlm")
+        raise CheckpointError(
+            f"{path} has checkpoint format {meta['format_version']}, newer than this chatlm "
+            f"({FORMAT_VERSION}) reads: upgrade chatlm"
+        )
     return meta
 
 
@@ -480,8 +520,9 @@ def _load_file(step_dir: Path, fname: str, meta: dict, map_location: Any) -> Any
         raise _damaged(step_dir, f"{path} cannot be loaded ({type(e).__name__}: {first_line})") from e
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu", *,
-                    parts: Sequence[str] = ("model", "optim", "loader", "rng")) -> dict:
+def load_checkpoint(
+    path: PathLike, map_location: Any = "cpu", *, parts: Sequence[str] = ("model", "optim", "loader", "rng")
+) -> dict:
     """Load a checkpoint: {'model', 'optim', 'loader', 'rng', 'meta', 'path'}.
 
     `path` is anything `find_checkpoint` accepts. `map_location` applies to the model and optimizer
@@ -499,6 +540,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", *,
     for part in ("loader", "rng"):
         states = out[part]
         if states is not None and len(states) != int(meta["world_size"]):
-            raise _damaged(step_dir, f"{step_dir / (part + '.pt')} holds {len(states)} rank states but meta.json "
-                           f"says world_size {meta['world_size']}")
+            raise _damaged(
+                step_dir,
+                f"{step_dir / (part + '.pt')} holds {len(states)} rank states but meta.json "
+                f"says world_size {meta['world_size']}",
+            )
     return out

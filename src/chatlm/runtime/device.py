@@ -19,7 +19,9 @@ from chatlm.config import ConfigError, DType, HardwareConfig, PrecisionConfig
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def choose_dtype(requested: str, device_type: str, capability: Optional[tuple[int, int]] = None) -> tuple[torch.dtype, str]:
+def choose_dtype(
+    requested: str, device_type: str, capability: Optional[tuple[int, int]] = None
+) -> tuple[torch.dtype, str]:
     """The compute dtype for `requested` ('auto' or a dtype name) on a device, with the reason.
 
     auto: bf16 on CUDA with compute capability >= 8.0 (Ampere and newer), fp32 everywhere else
@@ -54,24 +56,41 @@ class DevicePolicy:
     deterministic: bool = False
 
     @classmethod
-    def create(cls, hardware: HardwareConfig, precision: PrecisionConfig, device: torch.device) -> "DevicePolicy":
+    def create(cls, hardware: HardwareConfig, precision: PrecisionConfig, device: torch.device) -> DevicePolicy:
         requested = precision.dtype.value if isinstance(precision.dtype, DType) else str(precision.dtype)
         dtype, reason = choose_dtype(requested, device.type)
         fp8 = bool(precision.fp8)
         if fp8 and device.type != "cuda":
-            raise ConfigError("precision.fp8", f"fp8 linears need a CUDA GPU (SM >= 89); this rank runs on {device.type}")
+            raise ConfigError(
+                "precision.fp8", f"fp8 linears need a CUDA GPU (SM >= 89); this rank runs on {device.type}"
+            )
         compile_ = bool(hardware.compile) and device.type == "cuda"
-        return cls(device, dtype, reason, bool(hardware.tf32), compile_, fp8, hardware.compile_mode,
-                   bool(hardware.deterministic))
+        return cls(
+            device,
+            dtype,
+            reason,
+            bool(hardware.tf32),
+            compile_,
+            fp8,
+            hardware.compile_mode,
+            bool(hardware.deterministic),
+        )
 
     @property
     def dtype_name(self) -> str:
         return str(self.compute_dtype).removeprefix("torch.")
 
     def describe(self) -> dict[str, Any]:
-        return {"device": str(self.device), "compute_dtype": self.dtype_name, "dtype_reason": self.dtype_reason,
-                "tf32": self.tf32, "compile": self.compile, "compile_mode": self.compile_mode, "fp8": self.fp8,
-                "deterministic": self.deterministic}
+        return {
+            "device": str(self.device),
+            "compute_dtype": self.dtype_name,
+            "dtype_reason": self.dtype_reason,
+            "tf32": self.tf32,
+            "compile": self.compile,
+            "compile_mode": self.compile_mode,
+            "fp8": self.fp8,
+            "deterministic": self.deterministic,
+        }
 
     def apply(self, seed: int) -> None:
         """Set the process-wide torch switches this policy implies and seed every RNG."""

@@ -90,14 +90,31 @@ def detect(env: Mapping[str, str] | None = None) -> RankInfo:
 
     if "TORCHELASTIC_RUN_ID" in env and "RANK" in env:
         world = num("WORLD_SIZE", 1)
-        return RankInfo("torchrun", num("RANK"), num("LOCAL_RANK"), world, num("LOCAL_WORLD_SIZE", world),
-                        num("GROUP_RANK"), env.get("MASTER_ADDR"), num("MASTER_PORT") or None,
-                        env.get("TORCHELASTIC_RUN_ID"))
+        return RankInfo(
+            "torchrun",
+            num("RANK"),
+            num("LOCAL_RANK"),
+            world,
+            num("LOCAL_WORLD_SIZE", world),
+            num("GROUP_RANK"),
+            env.get("MASTER_ADDR"),
+            num("MASTER_PORT") or None,
+            env.get("TORCHELASTIC_RUN_ID"),
+        )
     if "SUBMITIT_LOCAL_GLOBALID" in env and num("SUBMITIT_LOCAL_NTASKS", 1) > 1:
         job = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
         world = num("SUBMITIT_LOCAL_NTASKS", 1)
-        return RankInfo("submitit_local", num("SUBMITIT_LOCAL_GLOBALID"), num("SUBMITIT_LOCAL_LOCALID"), world,
-                        world, 0, "127.0.0.1", num("MASTER_PORT") or port_from_job_id(job), job)
+        return RankInfo(
+            "submitit_local",
+            num("SUBMITIT_LOCAL_GLOBALID"),
+            num("SUBMITIT_LOCAL_LOCALID"),
+            world,
+            world,
+            0,
+            "127.0.0.1",
+            num("MASTER_PORT") or port_from_job_id(job),
+            job,
+        )
     in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
     if "SLURM_PROCID" in env and in_step:  # (one task too: the record should say it ran on Slurm)
         world = num("SLURM_NTASKS", 1)
@@ -107,12 +124,30 @@ def detect(env: Mapping[str, str] | None = None) -> RankInfo:
         step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID", "0"))
         master = env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0]
         port = num("MASTER_PORT") or port_from_job_id(f"{job}{step}")
-        return RankInfo("slurm", num("SLURM_PROCID"), num("SLURM_LOCALID"), world, max(1, world // nodes),
-                        num("SLURM_NODEID"), master, port, job)
+        return RankInfo(
+            "slurm",
+            num("SLURM_PROCID"),
+            num("SLURM_LOCALID"),
+            world,
+            max(1, world // nodes),
+            num("SLURM_NODEID"),
+            master,
+            port,
+            job,
+        )
     if num("WORLD_SIZE", 1) > 1 and "RANK" in env:
         world = num("WORLD_SIZE", 1)
-        return RankInfo("env", num("RANK"), num("LOCAL_RANK"), world, num("LOCAL_WORLD_SIZE", world), 0,
-                        env.get("MASTER_ADDR", "127.0.0.1"), num("MASTER_PORT", 29500), None)
+        return RankInfo(
+            "env",
+            num("RANK"),
+            num("LOCAL_RANK"),
+            world,
+            num("LOCAL_WORLD_SIZE", world),
+            0,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            num("MASTER_PORT", 29500),
+            None,
+        )
     return RankInfo()
 
 
@@ -180,8 +215,10 @@ def resolve_device_type(requested: str) -> str:
     """'auto' -> 'cuda' if a GPU is visible, else 'mps' on Apple silicon, else 'cpu'."""
     if requested != "auto":
         if requested == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("hardware.device=cuda but torch sees no CUDA device "
-                               f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+            raise RuntimeError(
+                "hardware.device=cuda but torch sees no CUDA device "
+                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            )
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -206,8 +243,12 @@ def init(info: RankInfo, device_type: str, store: Any = None, timeout: timedelta
         return DistContext(info, device, None)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # Libraries (and our own later code) read these; Slurm does not set them.
-    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
-                      LOCAL_WORLD_SIZE=str(info.local_world_size))
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        LOCAL_WORLD_SIZE=str(info.local_world_size),
+    )
     if info.master_addr:
         os.environ["MASTER_ADDR"] = info.master_addr
     if info.master_port:
@@ -226,8 +267,14 @@ def init(info: RankInfo, device_type: str, store: Any = None, timeout: timedelta
 
 
 def _tcp_store(info: RankInfo, timeout: timedelta) -> Any:
-    return tdist.TCPStore(info.master_addr or "127.0.0.1", int(info.master_port or 29500), info.world_size,
-                          is_master=info.rank == 0, timeout=timeout, wait_for_workers=False)
+    return tdist.TCPStore(
+        info.master_addr or "127.0.0.1",
+        int(info.master_port or 29500),
+        info.world_size,
+        is_master=info.rank == 0,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
 
 
 def agree_on_stamp(info: RankInfo, timeout: timedelta = timedelta(minutes=5)) -> tuple[dict, Any]:
@@ -239,8 +286,9 @@ def agree_on_stamp(info: RankInfo, timeout: timedelta = timedelta(minutes=5)) ->
     run_key = f"chatlm/stamp/{info.job_id or 'job'}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     keep = None
     if info.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = tdist.TCPStore(info.master_addr, int(info.master_port), info.world_size, is_master=False,
-                               timeout=timeout)
+        store = tdist.TCPStore(
+            info.master_addr, int(info.master_port), info.world_size, is_master=False, timeout=timeout
+        )
     else:
         store = keep = _tcp_store(info, timeout)
     if info.rank == 0:
@@ -262,8 +310,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(fn: Callable[..., Any], args: tuple, *, info: RankInfo | None = None, nproc_per_node: int = 1,
-           store: Any = None, device: str = "auto") -> Any:
+def launch(
+    fn: Callable[..., Any],
+    args: tuple,
+    *,
+    info: RankInfo | None = None,
+    nproc_per_node: int = 1,
+    store: Any = None,
+    device: str = "auto",
+) -> Any:
     """Call `fn(ctx, *args)` on every rank and return rank 0's result.
 
     If this process is already one rank of a launched job, that is the only rank run here;
@@ -288,17 +343,25 @@ def _spawn(fn: Callable[..., Any], args: tuple, nproc: int, device_type: str) ->
     import torch.multiprocessing as mp
 
     if device_type == "cuda" and torch.cuda.device_count() < nproc:
-        raise RuntimeError(f"hardware.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices are visible")
+        raise RuntimeError(
+            f"hardware.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     base = RankInfo("spawn", 0, 0, nproc, nproc, 0, "127.0.0.1", free_port(), f"spawn{os.getpid()}")
-    mp.start_processes(_spawned_rank, args=(fn, args, base, device_type, results, stamp_mod.current()),
-                       nprocs=nproc, join=True, start_method="spawn")
+    mp.start_processes(
+        _spawned_rank,
+        args=(fn, args, base, device_type, results, stamp_mod.current()),
+        nprocs=nproc,
+        join=True,
+        start_method="spawn",
+    )
     return results.get() if not results.empty() else None
 
 
-def _spawned_rank(local_rank: int, fn: Callable[..., Any], args: tuple, base: RankInfo, device_type: str,
-                  results: Any, stamp: dict) -> None:
+def _spawned_rank(
+    local_rank: int, fn: Callable[..., Any], args: tuple, base: RankInfo, device_type: str, results: Any, stamp: dict
+) -> None:
     stamp_mod.set_current(stamp)
     info = replace(base, rank=local_rank, local_rank=local_rank)
     ctx = init(info, device_type)

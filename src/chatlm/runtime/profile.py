@@ -1,7 +1,7 @@
 """`debug=profile`: a torch.profiler trace of a few training steps, written into the run directory.
 
-    profile/trace_rank<r>.json   Chrome/Perfetto trace (open in https://ui.perfetto.dev)
-    profile/summary_rank<r>.txt  the top operators by self time (CPU and, on GPU, CUDA)
+profile/trace_rank<r>.json   Chrome/Perfetto trace (open in https://ui.perfetto.dev)
+profile/summary_rank<r>.txt  the top operators by self time (CPU and, on GPU, CUDA)
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def read_json(path: Path) -> Optional[dict]:
 
 
 def now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="milliseconds")
+    return dt.datetime.now(dt.UTC).astimezone().isoformat(timespec="milliseconds")
 
 
 def update_latest_link(link: Path, target: Path) -> None:
@@ -185,22 +185,42 @@ def git_info(path: Path | None = None) -> Optional[dict]:
     """sha / dirty flag / branch of the git checkout holding the chatlm package (None if none)."""
     path = path or Path(__file__).resolve().parent
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,
-                                  timeout=10, check=True).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
 
         sha = git("rev-parse", "HEAD")
         status = git("status", "--porcelain", "--untracked-files=no")
         diff = git("diff", "HEAD") if status else ""
-        return {"sha": sha, "dirty": bool(status), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
-                "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None}
+        return {
+            "sha": sha,
+            "dirty": bool(status),
+            "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+        }
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def package_versions(names: Iterable[str] = ("chatlm", "torch", "hydra-core", "omegaconf", "submitit",
-                                              "hydra-submitit-launcher", "numpy", "pyarrow", "tiktoken",
-                                              "rustbpe", "triton", "flash-attn-4", "wandb")) -> dict:
+def package_versions(
+    names: Iterable[str] = (
+        "chatlm",
+        "torch",
+        "hydra-core",
+        "omegaconf",
+        "submitit",
+        "hydra-submitit-launcher",
+        "numpy",
+        "pyarrow",
+        "tiktoken",
+        "rustbpe",
+        "triton",
+        "flash-attn-4",
+        "wandb",
+    ),
+) -> dict:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
@@ -215,8 +235,11 @@ def package_versions(names: Iterable[str] = ("chatlm", "torch", "hydra-core", "o
 def hardware_info() -> dict:
     import torch
 
-    info: dict[str, Any] = {"hostname": socket.gethostname(), "platform": platform.platform(),
-                            "cpu_count": os.cpu_count()}
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -227,9 +250,15 @@ def slurm_info(env: dict | None = None) -> Optional[dict]:
     env = dict(os.environ) if env is None else env
     if "SLURM_JOB_ID" not in env:
         return None
-    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID", "array_task_id": "SLURM_ARRAY_TASK_ID",
-            "restart_count": "SLURM_RESTART_COUNT", "nodelist": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION",
-            "ntasks": "SLURM_NTASKS"}
+    keys = {
+        "job_id": "SLURM_JOB_ID",
+        "array_job_id": "SLURM_ARRAY_JOB_ID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "restart_count": "SLURM_RESTART_COUNT",
+        "nodelist": "SLURM_JOB_NODELIST",
+        "partition": "SLURM_JOB_PARTITION",
+        "ntasks": "SLURM_NTASKS",
+    }
     return {k: env[v] for k, v in keys.items() if v in env}
 
 
@@ -265,31 +294,54 @@ class Run:
 
     # -- creation ------------------------------------------------------------------------------
 
-    def begin(self, job: JobInfo, config: dict, *, resume: str = "auto", world_size: int = 1,
-              launcher: str = "single", derived: dict | None = None) -> None:
+    def begin(
+        self,
+        job: JobInfo,
+        config: dict,
+        *,
+        resume: str = "auto",
+        world_size: int = 1,
+        launcher: str = "single",
+        derived: dict | None = None,
+    ) -> None:
         """Rank 0: claim the directory (new, or a resumption of the same config) and write the record."""
         self.path.mkdir(parents=True, exist_ok=True)
         chash = config_hash(config)
         previous = read_json(self.record_path)
-        foreign = [p.name for p in self.path.iterdir()
-                   if p.name not in (".hydra", "logs") and not p.name.startswith(".")]
+        foreign = [
+            p.name for p in self.path.iterdir() if p.name not in (".hydra", "logs") and not p.name.startswith(".")
+        ]
         attempts: list[dict] = []
         if previous is not None:
             if resume == "never":
-                raise RunDirError(f"{self.path} already holds a run (status {previous.get('status')!r}) and "
-                                  "resume=never; choose another run directory or resume=auto")
+                raise RunDirError(
+                    f"{self.path} already holds a run (status {previous.get('status')!r}) and "
+                    "resume=never; choose another run directory or resume=auto"
+                )
             if previous.get("config_hash") != chash:
                 old_cfg = self._read_resolved() or {}
                 diff = config_diff(old_cfg, config) or ["(config.resolved.yaml missing: cannot list keys)"]
-                raise RunDirError(f"{self.path} holds a run with a different config; refusing to reuse it. "
-                                  "Differing keys:\n  " + "\n  ".join(diff))
+                raise RunDirError(
+                    f"{self.path} holds a run with a different config; refusing to reuse it. "
+                    "Differing keys:\n  " + "\n  ".join(diff)
+                )
             attempts = list(previous.get("attempts", []))
             self.resumed = True
         elif foreign:
-            raise RunDirError(f"{self.path} is not empty ({', '.join(sorted(foreign)[:5])}) and has no run.json: "
-                              "refusing to write a run into it")
-        attempts.append({"start": now_iso(), "end": None, "status": "running", "host": socket.gethostname(),
-                         "slurm": slurm_info(), "world_size": world_size})
+            raise RunDirError(
+                f"{self.path} is not empty ({', '.join(sorted(foreign)[:5])}) and has no run.json: "
+                "refusing to write a run into it"
+            )
+        attempts.append(
+            {
+                "start": now_iso(),
+                "end": None,
+                "status": "running",
+                "host": socket.gethostname(),
+                "slurm": slurm_info(),
+                "world_size": world_size,
+            }
+        )
         resolved = dict(config)
         resolved["derived"] = dict(derived or {})
         atomic_write_text(self.path / "config.resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
@@ -312,8 +364,11 @@ class Run:
             "argv": job.argv,
             "overrides": job.overrides,
             "choices": job.choices,
-            "sweep": ({"dir": job.sweep_dir, "job_num": job.job_num, "override_dirname": job.override_dirname}
-                      if job.multirun else None),
+            "sweep": (
+                {"dir": job.sweep_dir, "job_num": job.job_num, "override_dirname": job.override_dirname}
+                if job.multirun
+                else None
+            ),
             "attempts": attempts,
             "final_metrics": (previous or {}).get("final_metrics", {}),
             "error": None,
@@ -386,8 +441,11 @@ class Run:
         record.setdefault("final_metrics", {}).update(json.loads(json.dumps(self.final_metrics, default=str)))
         if error is not None:
             if isinstance(error, BaseException):
-                record["error"] = {"type": type(error).__name__, "message": str(error),
-                                   "traceback": "".join(traceback.format_exception(error))[-20000:]}
+                record["error"] = {
+                    "type": type(error).__name__,
+                    "message": str(error),
+                    "traceback": "".join(traceback.format_exception(error))[-20000:],
+                }
             else:
                 record["error"] = {"type": "Error", "message": str(error), "traceback": None}
         if record.get("attempts"):
@@ -395,7 +453,9 @@ class Run:
             if requeue or "requeued" in record["attempts"][-1]:
                 record["attempts"][-1]["requeued"] = requeue
             if error is not None:
-                record["attempts"][-1]["reason"] = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+                record["attempts"][-1]["reason"] = (
+                    str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+                )
         write_json(self.record_path, record)
 
     # -- logging -------------------------------------------------------------------------------
@@ -447,8 +507,14 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
     error: Optional[str] = None
     if ctx.is_main:
         try:
-            run.begin(job, resolved, resume=cfg.resume, world_size=ctx.world_size, launcher=ctx.info.launcher,
-                      derived={"world_size": ctx.world_size, "launcher": ctx.info.launcher, **policy.describe()})
+            run.begin(
+                job,
+                resolved,
+                resume=cfg.resume,
+                world_size=ctx.world_size,
+                launcher=ctx.info.launcher,
+                derived={"world_size": ctx.world_size, "launcher": ctx.info.launcher, **policy.describe()},
+            )
         except RunDirError as e:
             error = str(e)
     error = ctx.broadcast_object(error)  # doubles as the barrier: nobody starts before the record exists
@@ -461,8 +527,17 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
     t0 = time.time()
     try:
         policy.apply(cfg.seed + 0)
-        log.info("%s run %s | rank %d/%d (%s) | device %s | dtype %s (%s)", job.stage, run.path, ctx.rank,
-                 ctx.world_size, ctx.info.launcher, ctx.device, policy.dtype_name, policy.dtype_reason)
+        log.info(
+            "%s run %s | rank %d/%d (%s) | device %s | dtype %s (%s)",
+            job.stage,
+            run.path,
+            ctx.rank,
+            ctx.world_size,
+            ctx.info.launcher,
+            ctx.device,
+            policy.dtype_name,
+            policy.dtype_reason,
+        )
         result = body(cfg, run)
         if isinstance(result, dict):
             run.set_final_metrics(**result)

@@ -94,7 +94,7 @@ class Sinks:
         """Flush and close; idempotent. `exit_code != 0` marks a W&B run as failed."""
         self._closed = True
 
-    def __enter__(self) -> "Sinks":
+    def __enter__(self) -> Sinks:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -119,8 +119,14 @@ class _GuardedSinks(Sinks):
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a tracker must never stop a training run
             self._failed = True
-            log.warning("%s %s failed (%s: %s); continuing without %s (metrics.jsonl is unaffected)",
-                        self.kind, what, type(e).__name__, e, self.kind)
+            log.warning(
+                "%s %s failed (%s: %s); continuing without %s (metrics.jsonl is unaffected)",
+                self.kind,
+                what,
+                type(e).__name__,
+                e,
+                self.kind,
+            )
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         self._guard("log", self._log, metrics, int(step))
@@ -172,8 +178,10 @@ def _import_wandb() -> Any:
     try:
         import wandb
     except ImportError as e:
-        raise ChatlmError(f"logger.kind=wandb needs the wandb package, which is not installed: "
-                          f"{WANDB_INSTALL} (or choose logger=none / logger=tensorboard)") from e
+        raise ChatlmError(
+            f"logger.kind=wandb needs the wandb package, which is not installed: "
+            f"{WANDB_INSTALL} (or choose logger=none / logger=tensorboard)"
+        ) from e
     return wandb
 
 
@@ -215,8 +223,9 @@ def _wandb_mode(logger_cfg: Any) -> str:
     return mode
 
 
-def _open_wandb(logger_cfg: Any, run_dir: Path, config: dict, run_name: str, group: Optional[str],
-                job_type: Optional[str]) -> Sinks:
+def _open_wandb(
+    logger_cfg: Any, run_dir: Path, config: dict, run_name: str, group: Optional[str], job_type: Optional[str]
+) -> Sinks:
     mode = _wandb_mode(logger_cfg)
     if mode == "disabled":
         log.info("wandb: logger.wandb_mode=disabled, nothing is logged to W&B")
@@ -224,9 +233,11 @@ def _open_wandb(logger_cfg: Any, run_dir: Path, config: dict, run_name: str, gro
     wandb = _import_wandb()
     os.environ.setdefault("WANDB_SILENT", "true")  # before wandb reads its settings
     if mode == "online" and not wandb.login(prompt=False, verify=False):
-        raise ChatlmError("logger.wandb_mode=online needs W&B credentials and none were found: run "
-                          "`wandb login` or set WANDB_API_KEY, or use logger.wandb_mode=offline and "
-                          "`wandb sync` the run directory's wandb/offline-run-* folder later")
+        raise ChatlmError(
+            "logger.wandb_mode=online needs W&B credentials and none were found: run "
+            "`wandb login` or set WANDB_API_KEY, or use logger.wandb_mode=offline and "
+            "`wandb sync` the run directory's wandb/offline-run-* folder later"
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_id = wandb_run_id(run_dir)
@@ -311,8 +322,10 @@ def _open_tensorboard(run_dir: Path, config: dict, resume_step: Optional[int]) -
         import tensorboard  # noqa: F401 - torch's SummaryWriter needs it; fail with our message
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
-        raise ChatlmError(f"logger.kind=tensorboard needs the tensorboard package, which is not installed: "
-                          f"{TENSORBOARD_INSTALL} (or choose logger=none)") from e
+        raise ChatlmError(
+            f"logger.kind=tensorboard needs the tensorboard package, which is not installed: "
+            f"{TENSORBOARD_INSTALL} (or choose logger=none)"
+        ) from e
     log_dir = Path(run_dir) / TENSORBOARD_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     # purge_step hides the events a crashed attempt wrote after the checkpoint we resume from
@@ -329,9 +342,17 @@ def _open_tensorboard(run_dir: Path, config: dict, resume_step: Optional[int]) -
 # -- the entry point -----------------------------------------------------------------------------
 
 
-def open_sinks(logger_cfg: Any, run_dir: Path, config: dict, run_name: str, group: Optional[str] = None,
-               is_main: bool = True, *, job_type: Optional[str] = None,
-               resume_step: Optional[int] = None) -> Sinks:
+def open_sinks(
+    logger_cfg: Any,
+    run_dir: Path,
+    config: dict,
+    run_name: str,
+    group: Optional[str] = None,
+    is_main: bool = True,
+    *,
+    job_type: Optional[str] = None,
+    resume_step: Optional[int] = None,
+) -> Sinks:
     """The sinks of `logger_cfg` (a LoggerConfig, DictConfig or dict) for one run directory.
 
     `group` (the sweep directory's name for sweep jobs) wins over `logger.group`. `job_type`
@@ -432,9 +453,18 @@ class ProgressReporter:
     formats, other keys follow as "key value". A no-op on non-main ranks.
     """
 
-    def __init__(self, total_steps: int, is_main: bool = True, interactive: Optional[bool] = None, *,
-                 every_steps: Optional[int] = None, every_seconds: float = 30.0, console: Any = None,
-                 description: str = "train", clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total_steps: int,
+        is_main: bool = True,
+        interactive: Optional[bool] = None,
+        *,
+        every_steps: Optional[int] = None,
+        every_seconds: float = 30.0,
+        console: Any = None,
+        description: str = "train",
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.total = max(0, int(total_steps))
         self.is_main = is_main
         self.every_steps = every_steps or max(1, min(100, self.total // 20))
@@ -462,14 +492,29 @@ class ProgressReporter:
 
     def _start_rich(self, console: Any) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         console = console or Console()
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, refresh_per_second=2, transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            refresh_per_second=2,
+            transient=False,
         )
         self._task = self._progress.add_task(self.description, total=self.total or None, info="")
         # the standard streams as they are before the live display swaps them for its own proxies
@@ -526,9 +571,12 @@ class ProgressReporter:
             info = " | ".join(format_metrics({k: metrics[k] for k in ("loss", "tok_per_s", "mfu") if k in metrics}))
             self._progress.update(self._task, completed=step, info=info)
             return
-        due = (self._last_logged_step is None or step >= self.total
-               or step - self._last_logged_step >= self.every_steps
-               or now - self._last_log_time >= self.every_seconds)
+        due = (
+            self._last_logged_step is None
+            or step >= self.total
+            or step - self._last_logged_step >= self.every_steps
+            or now - self._last_log_time >= self.every_seconds
+        )
         if due and step != self._last_logged_step:
             self._emit(step, metrics, eta, now)
 
@@ -551,7 +599,7 @@ class ProgressReporter:
             step, metrics = self._last
             self._emit(step, metrics, self.eta_seconds(step, metrics), self.clock())
 
-    def __enter__(self) -> "ProgressReporter":
+    def __enter__(self) -> ProgressReporter:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -69,8 +69,14 @@ class Tokenizer:
     cannot forge conversation structure.
     """
 
-    def __init__(self, mergeable_ranks: Mapping[bytes, int], pattern: str, special_tokens: Sequence[str],
-                 name: str = "rustbpe", meta: Optional[dict] = None):
+    def __init__(
+        self,
+        mergeable_ranks: Mapping[bytes, int],
+        pattern: str,
+        special_tokens: Sequence[str],
+        name: str = "rustbpe",
+        meta: Optional[dict] = None,
+    ):
         ranks = dict(mergeable_ranks)
         n = len(ranks)
         if sorted(ranks.values()) != list(range(n)):
@@ -82,9 +88,13 @@ class Tokenizer:
         self.mergeable_ranks = ranks
         self.special_tokens = {tok: n + i for i, tok in enumerate(special_tokens)}
         self.meta = dict(meta or {})
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks,
-                                     special_tokens=self.special_tokens,
-                                     explicit_n_vocab=n + len(self.special_tokens))
+        self.enc = tiktoken.Encoding(
+            name,
+            pat_str=pattern,
+            mergeable_ranks=ranks,
+            special_tokens=self.special_tokens,
+            explicit_n_vocab=n + len(self.special_tokens),
+        )
         self._token_bytes: Optional[np.ndarray] = None
 
     # -- vocabulary ------------------------------------------------------------------------------
@@ -146,8 +156,13 @@ class Tokenizer:
             raise ValueError(f"token id {ref} outside the vocabulary [0, {self.vocab_size})")
         return ref
 
-    def encode(self, text: Union[str, Sequence[str]], prepend: Optional[TokenRef] = None,
-               append: Optional[TokenRef] = None, num_threads: int = 8):
+    def encode(
+        self,
+        text: Union[str, Sequence[str]],
+        prepend: Optional[TokenRef] = None,
+        append: Optional[TokenRef] = None,
+        num_threads: int = 8,
+    ):
         """Encode one string (-> list[int]) or a list of strings (-> list[list[int]], in parallel).
 
         `prepend`/`append` take a special token string or an id; pretraining prepends BOS to every
@@ -218,7 +233,7 @@ class Tokenizer:
         return out
 
     @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "Tokenizer":
+    def load(cls, directory: Union[str, os.PathLike]) -> Tokenizer:
         """Load a tokenizer written by `save`. A missing artifact names the command that makes it."""
         src = Path(directory).expanduser()
         missing = [f for f in (RANKS_FILE, META_FILE) if not (src / f).is_file()]
@@ -234,16 +249,19 @@ class Tokenizer:
         specials = sorted(meta["special_tokens"].items(), key=lambda kv: kv[1])
         if [i for _, i in specials] != list(range(len(ranks), len(ranks) + len(specials))):
             raise ValueError(f"{src / META_FILE}: special token ids must follow the {len(ranks)} ranks")
-        tok = cls(ranks, meta["pattern"], [s for s, _ in specials], name=meta.get("name", "rustbpe"),
-                  meta=meta.get("meta"))
+        tok = cls(
+            ranks, meta["pattern"], [s for s, _ in specials], name=meta.get("name", "rustbpe"), meta=meta.get("meta")
+        )
         tb_path = src / TOKEN_BYTES_FILE
         if tb_path.is_file() and not np.array_equal(np.load(tb_path), tok.token_bytes):
             raise ValueError(f"{tb_path} does not match {src / RANKS_FILE}; re-run `{CREATE_COMMAND}`")
         return tok
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
-                f"n_mergeable={self.n_mergeable}, bos_id={self.bos_id})")
+        return (
+            f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, "
+            f"n_mergeable={self.n_mergeable}, bos_id={self.bos_id})"
+        )
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -324,8 +342,11 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     seconds = time.time() - t0
     ranks = {bytes(tok): int(rank) for tok, rank in trainer.get_mergeable_ranks()}
     if len(ranks) < n_ranks:
-        warnings.warn(f"the training text only supported {len(ranks)} of {n_ranks} mergeable ranks; "
-                      f"vocab_size will be {len(ranks) + len(cfg.special_tokens)}, not {cfg.vocab_size}")
+        warnings.warn(
+            f"the training text only supported {len(ranks)} of {n_ranks} mergeable ranks; "
+            f"vocab_size will be {len(ranks) + len(cfg.special_tokens)}, not {cfg.vocab_size}",
+            stacklevel=2,
+        )
     meta = {
         "requested_vocab_size": cfg.vocab_size,
         "train_docs": capped.docs,
@@ -342,8 +363,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
 # evaluation helpers
 
 
-def compression_report(tokenizer: Union[Tokenizer, "tiktoken.Encoding"],
-                       texts: Union[Iterable[str], Mapping[str, str]]) -> dict:
+def compression_report(
+    tokenizer: Union[Tokenizer, tiktoken.Encoding], texts: Union[Iterable[str], Mapping[str, str]]
+) -> dict:
     """Bytes per token (higher = better compression) of `tokenizer` on `texts`.
 
     `tokenizer` may be ours or any `tiktoken.Encoding` (e.g. GPT-2's or GPT-4's, for comparison).
@@ -360,10 +382,17 @@ def compression_report(tokenizer: Union[Tokenizer, "tiktoken.Encoding"],
         n_bytes, n_tokens = len(text.encode("utf-8")), len(encode(text))
         total_bytes += n_bytes
         total_tokens += n_tokens
-        per_text[str(key)] = {"bytes": n_bytes, "tokens": n_tokens,
-                              "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0}
-    report = {"texts": len(per_text), "bytes": total_bytes, "tokens": total_tokens,
-              "bytes_per_token": total_bytes / total_tokens if total_tokens else 0.0}
+        per_text[str(key)] = {
+            "bytes": n_bytes,
+            "tokens": n_tokens,
+            "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
+        }
+    report = {
+        "texts": len(per_text),
+        "bytes": total_bytes,
+        "tokens": total_tokens,
+        "bytes_per_token": total_bytes / total_tokens if total_tokens else 0.0,
+    }
     if isinstance(texts, Mapping):
         report["per_text"] = per_text
     return report
@@ -371,10 +400,14 @@ def compression_report(tokenizer: Union[Tokenizer, "tiktoken.Encoding"],
 
 # tiktoken fetches these over HTTP on first use and caches them under sha1(url) in its cache dir.
 _REFERENCE_FILES = {
-    "r50k_base": ("https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
-                  "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"),
-    "cl100k_base": ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
-                    "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"),
+    "r50k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken",
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+    ),
+    "cl100k_base": (
+        "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
 }
 
 
@@ -385,7 +418,7 @@ def _tiktoken_cache_dir() -> Optional[Path]:
     return Path(tempfile.gettempdir()) / "data-gym-cache"
 
 
-def reference_encoding(name: str) -> Optional["tiktoken.Encoding"]:
+def reference_encoding(name: str) -> Optional[tiktoken.Encoding]:
     """tiktoken's `r50k_base` (GPT-2) or `cl100k_base` (GPT-4), or None when not available offline.
 
     Loading is attempted only when tiktoken's cache already holds the file with the right hash,

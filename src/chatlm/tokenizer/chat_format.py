@@ -33,7 +33,9 @@ ROLES = ("user", "assistant")
 def _messages(conversation: Any) -> list[dict]:
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"a conversation is a list of messages or {{'messages': [...]}}, got {type(messages).__name__}")
+        raise ValueError(
+            f"a conversation is a list of messages or {{'messages': [...]}}, got {type(messages).__name__}"
+        )
     return list(messages)
 
 
@@ -75,8 +77,10 @@ def render_conversation(tok, conversation: Any, max_tokens: Optional[int] = 2048
         role, content = message.get("role"), message.get("content")
         expected = ROLES[i % 2]
         if role != expected:
-            raise ValueError(f"message {i} has role {role!r}, expected {expected!r} "
-                             "(roles must alternate user/assistant, starting with user)")
+            raise ValueError(
+                f"message {i} has role {role!r}, expected {expected!r} "
+                "(roles must alternate user/assistant, starting with user)"
+            )
         if role == "user":
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: user content must be a string, got {type(content).__name__}")

@@ -1,8 +1,7 @@
 """chatlm's launchers, where Hydra's plugin discovery finds them (logic: `chatlm.launcher`)."""
 
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
-
 from chatlm.launcher import ChatlmLauncherMixin
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 
 class ChatlmSlurmLauncher(ChatlmLauncherMixin, SlurmLauncher):
