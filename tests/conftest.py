@@ -20,7 +20,7 @@ def compose():
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from chatlm.app import conf_dir
+    from chatlm.config.tree import conf_dir
 
     def _compose(stage: str, overrides: list[str] | None = None, hydra_node: bool = False):
         GlobalHydra.instance().clear()

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from chatlm import config as C
-from chatlm.app import group_options, to_typed
 from chatlm.bench.attention_bench import attended_pairs, reference_attention
+from chatlm.config.tree import group_options
+from chatlm.hydra.app import to_typed
 from chatlm.model import GPT
 from chatlm.model.attention import window_mask
 from chatlm.runtime.flops import train_flops_per_token

@@ -10,7 +10,11 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from chatlm import config as C
-from chatlm.app import UsageError, check_overrides, conf_dir, group_options, safe_dirname, to_typed
+from chatlm.config.tree import conf_dir, group_options
+from chatlm.errors import UsageError
+from chatlm.hydra.app import to_typed
+from chatlm.hydra.overrides import check_overrides
+from chatlm.hydra.store import safe_dirname
 
 TRAIN_GROUPS = [
     "model",

@@ -31,7 +31,7 @@ def test_wheel_contains_the_conf_tree(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     conf = sorted(p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml"))
     assert conf and all(f"chatlm/conf/{c}" in names for c in conf)
-    assert "chatlm/app.py" in names and not any(n.startswith("tests/") for n in names)
+    assert "chatlm/hydra/app.py" in names and not any(n.startswith("tests/") for n in names)
 
 
 def test_installed_wheel_composes_and_runs_outside_the_repo(wheel, tmp_path):
@@ -60,7 +60,7 @@ def test_installed_wheel_composes_and_runs_outside_the_repo(wheel, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(py), *args], cwd=work, env=env, capture_output=True, text=True, timeout=180)
 
-    where = run("-c", "import chatlm.app as a; print(a.__file__); print(a.conf_dir())")
+    where = run("-c", "import chatlm, chatlm.config.tree as t; print(chatlm.__file__); print(t.conf_dir())")
     assert where.returncode == 0, where.stderr
     module_file, conf = where.stdout.split()
     assert module_file.startswith(str(venv)) and conf == str(Path(module_file).parent / "conf")

@@ -57,8 +57,20 @@ def test_begin_writes_record_config_and_latest(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())
     assert resolved["model"] == {"depth": 4, "softcap": 15.0} and resolved["derived"] == {"n_embd": 256}
     latest = tmp_path / "train" / "latest"
+    assert not latest.exists()  # <stage>/latest follows completed runs only
+    run.finish("completed")
     assert latest.is_symlink() and latest.resolve() == (tmp_path / "run").resolve()
     assert not os.path.isabs(os.readlink(latest))
+
+
+def test_latest_skips_failed_runs(tmp_path):
+    good = Run(tmp_path / "good")
+    good.begin(job(tmp_path), CFG)
+    good.finish("completed")
+    bad = Run(tmp_path / "bad")
+    bad.begin(job(tmp_path), CFG)
+    bad.finish("failed", RuntimeError("boom"))
+    assert (tmp_path / "train" / "latest").resolve() == (tmp_path / "good").resolve()
 
 
 def test_finish_records_metrics_and_duration(tmp_path):

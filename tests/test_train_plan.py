@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from chatlm.config import ConfigError, HardwareConfig, ModelConfig, TrainConfig
-from chatlm.train import due, plan_run
+from chatlm.training.hooks import due
+from chatlm.training.plan import plan_run
 
 
 def cfg_for(depth: int, ratio: float = 12.0, device_batch: int = 32, **kw) -> TrainConfig:

@@ -14,8 +14,8 @@ import time
 import torch
 import torch.distributed as tdist
 
-from chatlm.app import run_stage
 from chatlm.config import CheckConfig
+from chatlm.hydra.app import run_stage
 from chatlm.runtime.rundir import Run
 
 log = logging.getLogger("chatlm")

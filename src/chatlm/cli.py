@@ -24,7 +24,7 @@ from chatlm import __version__
 
 
 def _groups(args: argparse.Namespace) -> int:
-    from chatlm.app import config_groups, group_options
+    from chatlm.config.tree import config_groups, group_options
 
     groups = [args.group] if args.group else config_groups()
     for group in groups:
@@ -468,7 +468,7 @@ def _push_offline_runs(todo: list, args: argparse.Namespace) -> int:
 
 
 def _runs_retry(args: argparse.Namespace) -> int:
-    from chatlm.runs.retry import RetryError, retry
+    from chatlm.hydra.retry import RetryError, retry
 
     try:
         return retry(

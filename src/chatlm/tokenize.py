@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import logging
 from itertools import islice
-from pathlib import Path
-from typing import Iterator
 
-from chatlm.app import run_stage
 from chatlm.config import TokenizeConfig
 from chatlm.data.shards import iter_documents, list_shards
 from chatlm.data.sources import prepare_source
 from chatlm.errors import ChatlmError
+from chatlm.hydra.app import run_stage
 from chatlm.runtime.rundir import Run
 from chatlm.tokenizer import Tokenizer, compression_report, reference_encoding, tokenizer_dir, train_tokenizer
+from chatlm.tokenizer.training_text import training_texts
 
 log = logging.getLogger("chatlm")
 
@@ -34,19 +33,6 @@ class _TenPercentSteps(logging.Filter):
         if message.startswith("Progress: ") and "%" in message:
             return message.split("%", 1)[0].removeprefix("Progress: ").strip().endswith("0")
         return True
-
-
-def training_texts(shard_sets: list[tuple[list[Path], float]], max_chars: int) -> Iterator[str]:
-    """Documents from each source's train shards; the character budget is split by weight."""
-    total = sum(w for _, w in shard_sets)
-    for files, weight in shard_sets:
-        budget = int(max_chars * weight / total)
-        used = 0
-        for text in iter_documents(files):
-            if used >= budget:
-                break
-            used += len(text)
-            yield text
 
 
 def tokenize(cfg: TokenizeConfig, run: Run) -> dict:

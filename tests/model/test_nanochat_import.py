@@ -9,6 +9,7 @@ from chatlm.cli import main
 from chatlm.config import ModelConfig
 from chatlm.model import GPT
 from chatlm.model import nanochat_import as ni
+from chatlm.model.sizing import derive_dims
 from chatlm.runtime.checkpoint import load_checkpoint
 
 VOCAB = 100  # padded to 128
@@ -243,9 +244,18 @@ def test_config_mapping_errors():
         ni.model_config_from_nanochat(dict(base, n_layer="4", n_embd=64, n_head=4))
 
 
-def test_short_window_for_odd_sequence_len():
-    # nanochat floors T/4 first: T=2049 -> 512, where ceil(T/512)*128 would give 640
+def nanochat_window(long_window: int) -> int:
+    """nanochat's expression for the short window, verbatim: the unary minus binds first."""
+    return -(-long_window // 4 // 128) * 128
+
+
+@pytest.mark.parametrize("T", [64, 100, 128, 513, 1025, 2048, 2049, 4096])
+def test_short_window_follows_nanochat(T):
+    # ceil(T / 512) * 128, not ceil(floor(T / 4) / 128) * 128: T=2049 -> 640, T=513 -> 256; and not
+    # capped at T: T=64 -> 128
     cfg = ni.model_config_from_nanochat(
-        dict(sequence_len=2049, vocab_size=64, window_pattern="SL", n_layer=2, n_embd=256, n_head=2, n_kv_head=2)
+        dict(sequence_len=T, vocab_size=64, window_pattern="SL", n_layer=2, n_embd=256, n_head=2, n_kv_head=2)
     )
-    assert cfg.short_window == 512
+    assert cfg.short_window is None  # derived, as nanochat derives it
+    assert derive_dims(cfg).windows[0] == nanochat_window(T)
+    assert {513: 256, 1025: 384, 2049: 640, 64: 128}.get(T, nanochat_window(T)) == nanochat_window(T)

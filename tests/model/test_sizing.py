@@ -77,7 +77,8 @@ def test_short_window_formula_and_override():
     assert default_short_window(512, 4, 128) == 128
     assert default_short_window(1000, 4, 128) == 256  # ceil(250 / 128) * 128
     assert default_short_window(4096, 3, 128) == 1408  # ceil(1365.33 / 128) * 128
-    assert default_short_window(64, 4, 128) == 64  # capped at T
+    assert default_short_window(64, 4, 128) == 128  # not capped at T: nanochat keeps 128
+    assert default_short_window(513, 4, 128) == 256  # ceil(513 / 512) * 128, nanochat's order of operations
     dims = derive_dims(ModelConfig(depth=4, sequence_len=64, short_window=8), 100)
     assert dims.windows == (8, 8, 8, 64)
 
@@ -110,7 +111,7 @@ def _mutated(**changes) -> ModelConfig:
     [
         ({"n_kv_head": 3}, "model.n_kv_head"),  # 4 heads, 3 kv heads
         ({"n_kv_head": 8}, "model.n_kv_head"),
-        ({"short_window": 65}, "model.short_window"),  # window > sequence_len
+        ({"short_window": 129}, "model.short_window"),  # > sequence_len and > the derived 128
         ({"head_dim": 33}, "model.head_dim"),
         ({"window_pattern": "SXL"}, "model.window_pattern"),
         ({"backout_layer": 4}, "model.backout_layer"),

@@ -1,3 +1,12 @@
-from chatlm.bench.stage import main
+"""`python -m chatlm.bench`: the Hydra edge of the benchmarks (body: chatlm.bench.stage.bench)."""
 
-main()
+from chatlm.bench.stage import bench
+from chatlm.hydra.app import run_stage
+
+
+def main() -> None:
+    run_stage("bench", bench)
+
+
+if __name__ == "__main__":
+    main()

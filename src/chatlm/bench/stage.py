@@ -1,4 +1,6 @@
-"""The Hydra stage: `python -m chatlm.bench task=train|attention|loss ...` (see chatlm.bench)."""
+"""`python -m chatlm.bench task=train|attention|loss ...`: run the task, print its table, write bench.json.
+
+The Hydra edge is `chatlm/bench/__main__.py`; `bench(cfg, run)` is the stage body."""
 
 from __future__ import annotations
 
@@ -210,13 +212,3 @@ def bench(cfg: BenchConfig, run: Any) -> dict:
         print_table(result)
         log.info("wrote %s", path)
     return summary(result)
-
-
-def main() -> None:
-    from chatlm.app import run_stage
-
-    run_stage("bench", bench)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,13 +1,12 @@
 """task=train: timed optimizer steps of the real training step, on synthetic or real tokens.
 
-Everything that is reusable is taken from `chatlm.train` (plan_run for the batch/accumulation/LR
-transfer, data_dirs and load_or_train_tokenizer for tokens=data) and from the library (select_backend,
-GPT, build_optimizer, LossScaler, the loader). The step itself lives inside `chatlm.train.train()`
-and is not reusable, so `_step` below repeats its few lines: accumulate `grad_accum` micro-batches,
-set the schedule's hyperparameters, one `.item()`, optimizer step, zero_grad, synchronize.
+The model, optimizer, schedule and plan are built by `chatlm.training` exactly as pretraining
+builds them, and each timed step is `Trainer.step()` itself, so the benchmark cannot drift from
+training. `tokens=data` feeds the real loader on the data group's shards (its host work, tokenizing
+and packing, is then part of every step); `tokens=synthetic` uniform random ids.
 
 fp8: `precision=fp8` converts the eligible Linears to Float8Linear before compile, as nanochat's
-base_train and chatlm.train do.
+base_train and chatlm's pretraining do.
 """
 
 from __future__ import annotations
@@ -16,39 +15,22 @@ import gc
 import logging
 import math
 import platform
-import time
-from typing import Any, Callable, Optional
+import statistics
+from typing import Any, Optional
 
 import torch
 
-from chatlm.bench.timing import matmul_ceiling, median, sync
-from chatlm.config import BenchConfig, TrainConfig
-from chatlm.model import GPT, select_backend
+from chatlm.bench.timing import matmul_ceiling, median
+from chatlm.config import BenchConfig
 from chatlm.model.sizing import derive_dims
-from chatlm.optim import build_optimizer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
 from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime.flops import mfu, peak_flops
+from chatlm.training.batches import SyntheticBatches
+from chatlm.training.build import PretrainSchedule, build_training_model, build_training_optimizer
+from chatlm.training.plan import plan_run
+from chatlm.training.trainer import Trainer
 
 log = logging.getLogger("chatlm")
-
-
-def as_train_config(cfg: BenchConfig) -> TrainConfig:
-    """The TrainConfig this benchmark stands for (steps = the bench's steps), for plan_run."""
-    return TrainConfig(
-        run_name=cfg.run_name,
-        seed=cfg.seed,
-        paths=cfg.paths,
-        hardware=cfg.hardware,
-        precision=cfg.precision,
-        model=cfg.model,
-        optim=cfg.optim,
-        schedule=cfg.schedule,
-        data=cfg.data,
-        tokenizer=cfg.tokenizer,
-        steps=cfg.steps,
-        total_batch_size=cfg.total_batch_size,
-        auto_tokenizer=cfg.auto_tokenizer,
-    )
 
 
 def device_name(device: torch.device) -> str:
@@ -65,41 +47,125 @@ def kernel_bench_shapes(cfg: BenchConfig, run: Any, batch_size: int) -> tuple[to
     return run.ctx.device, run.policy.compute_dtype, dims, B
 
 
-def synthetic_batches(vocab_size: int, B: int, T: int, device: torch.device, seed: int) -> Callable:
-    """next_batch() -> (x, y): uniform random ids in [0, vocab), y the next-token shift of x."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.randint(0, vocab_size, (B, T + 1), device=device, generator=gen)
-        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-    return next_batch
-
-
 def _gib(n: float) -> float:
     return n / 2**30
 
 
-def bench_train(cfg: BenchConfig, run: Any) -> dict:
-    from chatlm.train import data_dirs, load_or_train_tokenizer, plan_run
+def _batches(cfg: BenchConfig, run: Any, plan: Any, tok: Any, shard_dirs: list) -> Any:
+    ctx = run.ctx
+    if tok is None:
+        return SyntheticBatches(plan.vocab_size, plan.device_batch_size, plan.seq_len, ctx.device, cfg.seed + ctx.rank)
+    from chatlm.data.loader import make_loader
+    from chatlm.data.shards import list_shards
+
+    splits = [list_shards(d) for d in shard_dirs]
+    return make_loader(
+        [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
+        tok,
+        plan.device_batch_size,
+        plan.seq_len,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        buffer_size=cfg.data.doc_buffer,
+        threads=cfg.data.tokenizer_threads,
+    )
+
+
+def _trainer(cfg: BenchConfig, run: Any) -> tuple[Trainer, Any, Any]:
+    """(trainer, plan, built model) as pretraining would build them, with this bench's tokens."""
+    from chatlm.training.pretrain import data_dirs, load_or_train_tokenizer
 
     ctx, policy = run.ctx, run.policy
-    device, dtype = ctx.device, policy.compute_dtype
-
-    # --- tokens and plan (the same derivations as chatlm.train)
-    tcfg = as_train_config(cfg)
-    tok = None
+    tok, shard_dirs = None, []
     if cfg.tokens == "data":
-        shard_dirs = data_dirs(tcfg, run)
-        tok = load_or_train_tokenizer(tcfg, run, shard_dirs)
-        vocab_size = tok.vocab_size
-    else:
-        vocab_size = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    plan = plan_run(tcfg, vocab_size, ctx.world_size)
-    N, B, T, accum = plan.num_iterations, plan.device_batch_size, plan.seq_len, plan.grad_accum
+        shard_dirs = data_dirs(cfg, run)
+        tok = load_or_train_tokenizer(cfg, run, shard_dirs)
+    vocab_size = tok.vocab_size if tok is not None else cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    plan = plan_run(cfg, vocab_size, ctx.world_size)
+    built = build_training_model(cfg.model, vocab_size, policy, ctx.device)
+    optimizer = build_training_optimizer(built.model, cfg.optim, plan, policy)
+    trainer = Trainer(
+        model=built.model,
+        train_model=built.train_model,
+        optimizer=optimizer,
+        batches=_batches(cfg, run, plan, tok, shard_dirs),
+        total_steps=plan.num_iterations,
+        grad_accum=plan.grad_accum,
+        tokens_per_step=plan.total_batch_size,
+        ctx=ctx,
+        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
+        scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
+    )
+    log.info(
+        "bench d%d (%s): %d x %d x %d ranks x %d accumulation = %s tokens/step | backend %s | %s%s | "
+        "compile %s | %d steps, %d warm-up",
+        plan.n_layer,
+        built.model.dims.window_chars(),
+        plan.device_batch_size,
+        plan.seq_len,
+        ctx.world_size,
+        plan.grad_accum,
+        f"{plan.total_batch_size:,}",
+        built.backend,
+        policy.dtype_name,
+        f" + fp8 ({built.fp8_linears} linears)" if built.fp8_linears else "",
+        policy.compile,
+        plan.num_iterations,
+        cfg.warmup_steps,
+    )
+    return trainer, plan, built
 
-    # --- the ceiling first, on an empty card; then peak memory counts training only
+
+def _profile(cfg: BenchConfig, run: Any, trainer: Trainer) -> Optional[dict]:
+    """`profile_steps` more steps under torch.profiler (at the last step's hyperparameters)."""
+    if cfg.profile_steps <= 0:
+        return None
+    from chatlm.bench.profile import profile_steps
+
+    times: list[float] = []
+
+    def last_step() -> None:
+        trainer.state.step = trainer.total_steps - 1
+        times.append(trainer.step().dt)
+
+    profile = profile_steps(last_step, cfg.profile_steps, run.ctx.device, trace_dir=run.path if run.is_main else None)
+    profile["step_times_s"] = times
+    log.info(
+        "profile of %d steps: %.1f ms of %s per step: %s",
+        cfg.profile_steps,
+        profile["total_ms_per_step"],
+        profile["clock"],
+        ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms_per_step"].items()),
+    )
+    return profile
+
+
+def _timed_steps(cfg: BenchConfig, trainer: Trainer) -> tuple[list[float], list[float]]:
+    """(step times, losses) of every step: `Trainer.step()`, the GC frozen after the first as in training."""
+    times, losses = [], []
+    for i in range(trainer.total_steps):
+        result = trainer.step()
+        times.append(result.dt)
+        losses.append(result.loss)
+        if i == 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        log.info(
+            "step %d/%d | %.1f ms | loss %.4f%s",
+            result.step,
+            trainer.total_steps,
+            1000 * result.dt,
+            result.loss,
+            " (warm-up)" if i < cfg.warmup_steps else "",
+        )
+    return times, losses
+
+
+def bench_train(cfg: BenchConfig, run: Any) -> dict:
+    device = run.ctx.device
+    # the ceiling first, on an empty card; then peak memory counts training only
     ceiling = matmul_ceiling(device, cfg.ceiling_size, cfg.ceiling_iters) if cfg.ceiling else None
     if ceiling:
         log.info(
@@ -107,140 +173,28 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
         )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-    # --- model and optimizer, as chatlm.train builds them
-    backend = select_backend(cfg.model.attention_backend, device, dtype)
-    with torch.device("meta"):
-        model = GPT(cfg.model, vocab_size, dtype, backend)
-    model.to_empty(device=device)
-    model.init_weights()
-    n_fp8 = 0
-    if policy.fp8:
-        from chatlm.model.fp8 import convert_to_fp8
-
-        n_fp8 = convert_to_fp8(model)
-    train_model = policy.compile_model(model)
-    optimizer = build_optimizer(
-        model,
-        cfg.optim,
-        plan.n_embd,
-        plan.batch_lr_scale,
-        plan.muon_weight_decay,
-        compute_dtype=dtype,
-        compile=policy.compile,
-    )
-    scaler = LossScaler(enabled=dtype == torch.float16)
-    params = list(model.parameters())
-    log.info(
-        "bench d%d (%s): %d x %d x %d ranks x %d accumulation = %s tokens/step | backend %s | %s%s | "
-        "compile %s | %d steps, %d warm-up",
-        plan.n_layer,
-        model.dims.window_chars(),
-        B,
-        T,
-        ctx.world_size,
-        accum,
-        f"{plan.total_batch_size:,}",
-        backend,
-        policy.dtype_name,
-        f" + fp8 ({n_fp8} linears)" if n_fp8 else "",
-        policy.compile,
-        N,
-        cfg.warmup_steps,
-    )
-
-    if tok is not None:
-        from chatlm.data.loader import make_loader
-        from chatlm.data.shards import list_shards
-
-        splits = [list_shards(d) for d in shard_dirs]
-        loader = make_loader(
-            [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
-            tok,
-            B,
-            T,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=device,
-            buffer_size=cfg.data.doc_buffer,
-            threads=cfg.data.tokenizer_threads,
-        )
-        next_batch = loader.next_batch
-    else:
-        next_batch = synthetic_batches(vocab_size, B, T, device, cfg.seed + ctx.rank)
-
-    # --- the timed loop (the step of chatlm.train.train, repeated here)
-    step_times: list[float] = []
-    losses: list[float] = []
-    batch = [next_batch()]
-
-    def run_step(step: int) -> float:
-        t0 = time.perf_counter()
-        x, y = batch[0]
-        for _ in range(accum):
-            loss = train_model(x, y)
-            scaler.scale_loss(loss / accum).backward()
-            x, y = next_batch()  # host work overlaps the queued device work
-        batch[0] = (x, y)
-        optimizer.set_hyperparameters(
-            lr_multiplier_from_config(cfg.schedule, step, N),
-            muon_momentum(
-                step,
-                N,
-                cfg.schedule.warmdown_ratio,
-                cfg.optim.momentum_start,
-                cfg.optim.momentum,
-                cfg.optim.momentum_warmup_steps,
-                cfg.optim.momentum_end,
-            ),
-            muon_weight_decay(step, N, plan.muon_weight_decay),
-        )
-        finite_grads = scaler.unscale_and_check(params)
-        last = loss.detach().item()  # the one host sync of the step
-        if finite_grads:
-            optimizer.step()
-        scaler.update(finite_grads)
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        step_times.append(time.perf_counter() - t0)
-        losses.append(last)
-        return last
-
-    profile = None
+    trainer, plan, built = _trainer(cfg, run)
     try:
-        for step in range(N):
-            last = run_step(step)
-            if step == 0:  # as chatlm.train: freeze the GC after the first step
-                gc.collect()
-                gc.freeze()
-                gc.disable()
-            log.info(
-                "step %d/%d | %.1f ms | loss %.4f%s",
-                step + 1,
-                N,
-                1000 * step_times[-1],
-                last,
-                " (warm-up)" if step < cfg.warmup_steps else "",
-            )
-        if cfg.profile_steps > 0:
-            from chatlm.bench.profile import profile_steps
-
-            timed_times, timed_losses = list(step_times), list(losses)
-            profile = profile_steps(
-                lambda: run_step(N - 1), cfg.profile_steps, device, trace_dir=run.path if ctx.is_main else None
-            )
-            profile["step_times_s"] = step_times[N:]
-            step_times[:], losses[:] = timed_times, timed_losses
-            log.info(
-                "profile of %d steps: %.1f ms of %s per step: %s",
-                cfg.profile_steps,
-                profile["total_ms_per_step"],
-                profile["clock"],
-                ", ".join(f"{k} {v:.1f}" for k, v in profile["by_category_ms_per_step"].items()),
-            )
+        step_times, losses = _timed_steps(cfg, trainer)
+        profile = _profile(cfg, run, trainer)
     finally:
         gc.enable()
+    return _result(cfg, run, plan, built, step_times, losses, ceiling, profile)
 
+
+def _result(
+    cfg: BenchConfig,
+    run: Any,
+    plan: Any,
+    built: Any,
+    step_times: list[float],
+    losses: list[float],
+    ceiling: Optional[dict],
+    profile: Optional[dict],
+) -> dict:
+    ctx, policy, device = run.ctx, run.policy, run.ctx.device
+    N, B, T, accum = plan.num_iterations, plan.device_batch_size, plan.seq_len, plan.grad_accum
+    model, backend, n_fp8, vocab_size = built.model, built.backend, built.fp8_linears, plan.vocab_size
     # --- statistics
     timed = step_times[cfg.warmup_steps :]
     med = median(timed)
@@ -286,6 +240,8 @@ def bench_train(cfg: BenchConfig, run: Any) -> dict:
         "mean_step_s": sum(timed) / len(timed),
         "min_step_s": min(timed),
         "max_step_s": max(timed),
+        "step_time_cv": statistics.pstdev(timed) / statistics.mean(timed) if len(timed) > 1 else 0.0,
+        "p90_step_s": sorted(timed)[min(len(timed) - 1, int(0.9 * len(timed)))],
         "tok_per_s": tok_s,
         "tok_per_s_per_device": tok_s / ctx.world_size,
         "peak_flops_nominal": peak_nominal,

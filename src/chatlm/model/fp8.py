@@ -163,7 +163,6 @@ def _column_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
-@torch._dynamo.allow_in_graph
 class Fp8Matmul(torch.autograd.Function):
     """y = x @ W^T with tensorwise fp8 operands; saves only fp8 tensors and inverse scales."""
 
@@ -191,6 +190,13 @@ class Fp8Matmul(torch.autograd.Function):
             grad_w = mm(g8.t().contiguous(), _column_major(x8), g_inv, x_inv, torch.float32, False)
             grad_w = grad_w.to(ctx.weight_dtype)
         return grad_x, grad_w
+
+
+def allow_in_graph() -> None:
+    """Let torch.compile trace through `Fp8Matmul` as one op (idempotent). Done when a model is
+    converted, not at import: importing torch._dynamo loads Triton, whose bindings print a
+    ~30-line leak report at the exit of every CPU process that imported it."""
+    torch._dynamo.allow_in_graph(Fp8Matmul)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -248,6 +254,7 @@ def convert_to_fp8(model: nn.Module) -> int:
     (12 -> n_kv_head) and the smear gate (24 -> 1). Call before torch.compile and before building
     the optimizer is not required (the Parameters are the same objects), but before compile is.
     """
+    allow_in_graph()
     targets = [name for name, m in model.named_modules() if name and is_fp8_eligible(m)]
     for name in targets:
         _replace(model, name, Float8Linear.from_linear(model.get_submodule(name)))

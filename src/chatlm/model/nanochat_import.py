@@ -133,11 +133,6 @@ def _int_field(cfg: dict, name: str, where: str) -> int:
     return v
 
 
-def nanochat_short_window(sequence_len: int) -> int:
-    """nanochat's S window: ceil((T // 4) / 128) * 128 with integer divisions (T=2048 -> 512)."""
-    return -(-(sequence_len // 4) // 128) * 128
-
-
 def model_config_from_nanochat(nc: dict, where: str = "model_config") -> ModelConfig:
     """ModelConfig for nanochat's persisted `model_config` (see the module docstring)."""
     if not isinstance(nc, dict):
@@ -170,17 +165,14 @@ def model_config_from_nanochat(nc: dict, where: str = "model_config") -> ModelCo
         raise NanochatImportError(f"{where}: model_config.n_head={H} is not divisible by n_kv_head={Hkv}")
     head_dim = C // H
     aspect = C // L
-    from chatlm.model.sizing import default_short_window, model_width
+    from chatlm.model.sizing import model_width
 
     if aspect < 1 or model_width(L, aspect, head_dim) != C:
         raise NanochatImportError(
             f"{where}: n_embd={C} with n_layer={L}, head_dim={head_dim} cannot be expressed as chatlm's "
             "ceil(depth * aspect_ratio / head_dim) * head_dim"
         )
-    cfg = ModelConfig()  # defaults = nanochat's hard-coded constants at 92d63d4
-    short = min(nanochat_short_window(T), T)
-    default_short = default_short_window(T, cfg.short_window_divisor, cfg.window_round)
-    try:
+    try:  # every other field: chatlm's default, nanochat's hard-coded constant at 92d63d4
         return ModelConfig(
             name=f"nanochat_d{L}",
             depth=L,
@@ -190,7 +182,6 @@ def model_config_from_nanochat(nc: dict, where: str = "model_config") -> ModelCo
             sequence_len=T,
             vocab_size=V,
             window_pattern=pattern,
-            short_window=None if short == default_short else short,
         )
     except ConfigError as e:
         raise NanochatImportError(f"{where}: {e}") from e

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from chatlm.config import ConfigError, ModelConfig
+from chatlm.config.model import default_short_window
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -77,16 +78,6 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     return _ceil_div(vocab_size, multiple) * multiple
 
 
-def default_short_window(sequence_len: int, divisor: int, round_to: int) -> int:
-    """ceil((T / divisor) / round_to) * round_to in integer math: T=2048 -> 512.
-
-    Capped at T: for tiny contexts (T=64 -> 128) a window wider than the context means the same as
-    full causal attention, and reporting T keeps FLOP accounting and logs honest.
-    """
-    # ceil((T / d) / r) == ceil(T / (d * r)) exactly, with no float rounding.
-    return min(_ceil_div(sequence_len, divisor * round_to) * round_to, sequence_len)
-
-
 def layer_windows(n_layer: int, pattern: str, short_window: int, long_window: int) -> tuple[int, ...]:
     """The pattern (S/L) tiled over the layers; the last layer is always full context (L)."""
     pattern = pattern.upper()
@@ -136,12 +127,17 @@ def derive_dims(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelDims
     pattern = cfg.window_pattern.upper()
     if not pattern or set(pattern) - {"S", "L"}:
         raise ConfigError("model.window_pattern", f"must be a non-empty string of S and L, got {cfg.window_pattern!r}")
+    derived = default_short_window(T, cfg.short_window_divisor, cfg.window_round)
     if cfg.short_window is not None:
-        if not 1 <= cfg.short_window <= T:
-            raise ConfigError("model.short_window", f"must be in [1, sequence_len={T}], got {cfg.short_window}")
+        if not 1 <= cfg.short_window <= max(T, derived):
+            raise ConfigError(
+                "model.short_window",
+                f"must be in [1, {max(T, derived)}] (the larger of sequence_len "
+                f"and the derived window), got {cfg.short_window}",
+            )
         short = cfg.short_window
     else:
-        short = default_short_window(T, cfg.short_window_divisor, cfg.window_round)
+        short = derived
 
     if cfg.value_embeds and cfg.ve_gate_channels > C:
         raise ConfigError("model.ve_gate_channels", f"must be <= n_embd={C}, got {cfg.ve_gate_channels}")

@@ -12,7 +12,7 @@ from typing import Any
 from chatlm.runtime.rundir import atomic_write_text, read_json
 
 _JOB_DIR = re.compile(r"^(\d+)_")
-SWEEP_RECORD = "sweep.json"  # written by chatlm's submitit launchers (chatlm.launcher)
+SWEEP_RECORD = "sweep.json"  # written by chatlm's submitit launchers (chatlm.hydra.launcher)
 BASE_COLUMNS = ["job", "status", "overrides", "duration_s", "run_dir", "error"]
 
 

@@ -77,6 +77,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{int(step):06d}"
 
 
+def step_dir(run_dir: PathLike, step: int) -> Path:
+    """`<run_dir>/checkpoints/step_<N>`."""
+    return Path(run_dir) / CHECKPOINTS_DIR / step_dir_name(step)
+
+
 # ----------------------------------------------------------------------------------------------
 # making states safe for torch.load(weights_only=True)
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.distributed as tdist
 
+from chatlm.errors import ChatlmError, ConfigError, RankFailure
 from chatlm.runtime import stamp as stamp_mod
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
@@ -211,20 +212,34 @@ class DistContext:
         self.backend = None
 
 
-def resolve_device_type(requested: str) -> str:
-    """'auto' -> 'cuda' if a GPU is visible, else 'mps' on Apple silicon, else 'cpu'."""
+def resolve_device_type(requested: str, preset: Optional[str] = None) -> str:
+    """'auto' -> 'cuda' if a GPU is visible, else 'mps' on Apple silicon, else 'cpu'. A device this
+    machine does not have is a ConfigError naming the hardware preset and what fits here."""
     if requested != "auto":
         if requested == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(
-                "hardware.device=cuda but torch sees no CUDA device "
-                f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})"
+            fits = "hardware=auto or hardware=cpu"
+            asked = f"hardware={preset} sets hardware.device=cuda" if preset else "hardware.device=cuda"
+            raise ConfigError(
+                "hardware.device",
+                f"{asked}, but torch {torch.__version__} sees no CUDA device "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); on this machine "
+                f"use {fits}",
+            )
+        if requested == "mps" and not _mps_available():
+            raise ConfigError(
+                "hardware.device",
+                "hardware.device=mps, but this machine has no Apple MPS device; use hardware=auto or hardware=cpu",
             )
         return requested
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return "mps"
     return "cpu"
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def rank_device(device_type: str, info: RankInfo) -> torch.device:
@@ -340,23 +355,39 @@ def launch(
 
 
 def _spawn(fn: Callable[..., Any], args: tuple, nproc: int, device_type: str) -> Any:
+    """Spawn `nproc` local ranks; rank 0's result comes back through a queue, and so does the first
+    ChatlmError any rank raised (as a `RankFailure`), re-raised here with its message and exit code."""
     import torch.multiprocessing as mp
 
     if device_type == "cuda" and torch.cuda.device_count() < nproc:
-        raise RuntimeError(
-            f"hardware.nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices are visible"
+        raise ConfigError(
+            "hardware.nproc_per_node", f"is {nproc} but only {torch.cuda.device_count()} CUDA devices are visible"
         )
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     base = RankInfo("spawn", 0, 0, nproc, nproc, 0, "127.0.0.1", free_port(), f"spawn{os.getpid()}")
-    mp.start_processes(
-        _spawned_rank,
-        args=(fn, args, base, device_type, results, stamp_mod.current()),
-        nprocs=nproc,
-        join=True,
-        start_method="spawn",
-    )
-    return results.get() if not results.empty() else None
+    try:
+        mp.start_processes(
+            _spawned_rank,
+            args=(fn, args, base, device_type, results, stamp_mod.current()),
+            nprocs=nproc,
+            join=True,
+            start_method="spawn",
+        )
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        failures = [item for item in _drain(results) if isinstance(item, RankFailure)]
+        if failures:
+            raise min(failures, key=lambda f: f.rank).as_error() from None
+        raise
+    outputs = [item for item in _drain(results) if not isinstance(item, RankFailure)]
+    return outputs[0] if outputs else None
+
+
+def _drain(queue: Any) -> list[Any]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get())
+    return items
 
 
 def _spawned_rank(
@@ -370,5 +401,8 @@ def _spawned_rank(
         if ctx.is_main:
             results.put(out)
         ctx.barrier()  # leave together (see launch)
+    except ChatlmError as e:
+        results.put(RankFailure.of(local_rank, e))
+        raise
     finally:
         ctx.close()

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import signal
 import socket
 import subprocess
 import tempfile
@@ -36,39 +35,17 @@ from typing import Any, Callable, Iterable, Optional
 
 import yaml
 
-from chatlm.errors import ChatlmError
+from chatlm.errors import ChatlmError, Preempted
 from chatlm.runtime.metrics import MetricsWriter
 
 log = logging.getLogger("chatlm")
 
 SCHEMA_VERSION = 1
-STATUSES = ("running", "completed", "failed", "preempted")
-
-# Keys that say where or how a run executes, not what it computes: they may change between a
-# run and its resumption (another node count, another output root, wandb on or off).
-HASH_EXCLUDED_KEYS = ("resume", "paths", "logger", "cluster", "hardware", "tags", "stop_at_step")
+STATUSES = ("running", "completed", "failed", "preempted", "interrupted")
 
 
 class RunDirError(ChatlmError, RuntimeError):
     """The run directory cannot be used as asked (exists with another config, not empty...)."""
-
-
-class Preempted(ChatlmError):
-    """Raised by a stage that stopped early with a checkpoint (a signal, or `stop_at_step`).
-
-    `requeue` is the signal handler that was installed before the stage caught the signal (submitit's
-    "checkpoint and requeue" on USR2). The launcher edge calls it once the record is closed; it
-    resubmits the same job into the same run directory, which then resumes.
-    """
-
-    def __init__(self, message: str, *, signum: Optional[int] = None, requeue: Optional[Callable] = None):
-        super().__init__(message)
-        self.signum = signum
-        self.requeue = requeue
-
-
-class Terminated(SystemExit):
-    """SIGTERM arrived; raised in the main thread so `finally` blocks and the run record run."""
 
 
 @dataclass
@@ -134,26 +111,15 @@ def update_latest_link(link: Path, target: Path) -> None:
 # config hashing
 
 
-def _drop(cfg: dict, dotted: str) -> None:
-    node: Any = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.get(p) if isinstance(node, dict) else None
-        if node is None:
-            return
-    if isinstance(node, dict):
-        node.pop(parts[-1], None)
-
-
 def hashed_view(cfg: dict) -> dict:
-    view = json.loads(json.dumps(cfg, default=str))
-    for key in HASH_EXCLUDED_KEYS:
-        _drop(view, key)
-    return view
+    """The config as hashed: without the keys its stage declares `results=False` (chatlm.config.keys)."""
+    from chatlm.config.keys import without_non_result_keys
+
+    return without_non_result_keys(json.loads(json.dumps(cfg, default=str)))
 
 
 def config_hash(cfg: dict) -> str:
-    """sha256 of the canonical JSON of the config, minus the keys in HASH_EXCLUDED_KEYS."""
+    """sha256 of the canonical JSON of the config, minus the keys that do not change results."""
     blob = json.dumps(hashed_view(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -280,6 +246,7 @@ class Run:
         self.resolved: dict[str, Any] = {}  # the resolved config (set on live runs)
         self.resumed = False
         self._log_handler: Optional[logging.Handler] = None
+        self._latest_link: Optional[Path] = None
 
     @property
     def is_main(self) -> bool:
@@ -374,8 +341,8 @@ class Run:
             "error": None,
         }
         write_json(self.record_path, record)
-        if not job.multirun:
-            update_latest_link(Path(job.output_root) / job.stage / "latest", self.path)
+        # <output_root>/<stage>/latest follows completed single runs only (set in finish)
+        self._latest_link = None if job.multirun else Path(job.output_root) / job.stage / "latest"
 
     def _read_resolved(self) -> Optional[dict]:
         try:
@@ -457,6 +424,8 @@ class Run:
                     str(error).splitlines()[0][:300] if str(error) else type(error).__name__
                 )
         write_json(self.record_path, record)
+        if status == "completed" and self._latest_link is not None:
+            update_latest_link(self._latest_link, self.path)
 
     # -- logging -------------------------------------------------------------------------------
 
@@ -488,23 +457,28 @@ def mark_failed_if_running(run_dir: str | Path, error: BaseException | str) -> N
         run.finish("failed", error)
 
 
+def resume_command(run: Run) -> str:
+    """The command that continues a run in its directory: the same stage and overrides, that
+    directory, resume=auto."""
+    import shlex
+
+    record = run.record()
+    stage = record.get("stage") or (run.resolved or {}).get("stage", "train")
+    keep = [o for o in record.get("overrides") or [] if not o.startswith(("hydra.run.dir=", "resume="))]
+    return " ".join(["python -m chatlm." + stage, *map(shlex.quote, keep), shlex.quote(f"hydra.run.dir={run.path}")])
+
+
+def resume_hint(run: Run) -> str:
+    return f"continue with: {resume_command(run)}"
+
+
 # ----------------------------------------------------------------------------------------------
-# the per-rank driver used by chatlm.app
+# the per-rank driver used by chatlm.hydra.app
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
-def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, resolved: dict, job: JobInfo) -> Any:
-    """On one rank: claim the run directory (rank 0), run `body(cfg, run)`, record the outcome."""
-    from chatlm.runtime.device import DevicePolicy
-
-    run = Run(Path(job.run_dir), ctx.rank, ctx.world_size, ctx)
-    run.resolved = resolved
-    policy = DevicePolicy.create(cfg.hardware, cfg.precision, ctx.device)
-    run.policy = policy
-    error: Optional[str] = None
+def _begin(run: Run, job: JobInfo, cfg: Any, resolved: dict) -> None:
+    """Rank 0 claims the directory; every rank learns whether that worked (a barrier too)."""
+    ctx, error = run.ctx, None
     if ctx.is_main:
         try:
             run.begin(
@@ -513,51 +487,55 @@ def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, res
                 resume=cfg.resume,
                 world_size=ctx.world_size,
                 launcher=ctx.info.launcher,
-                derived={"world_size": ctx.world_size, "launcher": ctx.info.launcher, **policy.describe()},
+                derived={"world_size": ctx.world_size, "launcher": ctx.info.launcher, **run.policy.describe()},
             )
         except RunDirError as e:
             error = str(e)
     error = ctx.broadcast_object(error)  # doubles as the barrier: nobody starts before the record exists
     if error is not None:
         raise RunDirError(error)
+
+
+def run_rank(ctx: Any, body: Callable[[Any, Run], Optional[dict]], cfg: Any, resolved: dict, job: JobInfo) -> Any:
+    """On one rank: claim the run directory (rank 0), run `body(cfg, run)`, record the outcome."""
+    from chatlm.runtime.device import DevicePolicy
+    from chatlm.runtime.signals import terminate_on_sigterm
+
+    run = Run(Path(job.run_dir), ctx.rank, ctx.world_size, ctx)
+    run.resolved = resolved
+    run.policy = DevicePolicy.create(cfg.hardware, cfg.precision, ctx.device)
+    _begin(run, job, cfg, resolved)
     run.attach_log()
-    previous = None
-    if threading_is_main():
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     t0 = time.time()
     try:
-        policy.apply(cfg.seed + 0)
-        log.info(
-            "%s run %s | rank %d/%d (%s) | device %s | dtype %s (%s)",
-            job.stage,
-            run.path,
-            ctx.rank,
-            ctx.world_size,
-            ctx.info.launcher,
-            ctx.device,
-            policy.dtype_name,
-            policy.dtype_reason,
-        )
-        result = body(cfg, run)
+        with terminate_on_sigterm():
+            run.policy.apply(cfg.seed + 0)
+            log.info(
+                "%s run %s | rank %d/%d (%s) | device %s | dtype %s (%s)",
+                job.stage,
+                run.path,
+                ctx.rank,
+                ctx.world_size,
+                ctx.info.launcher,
+                ctx.device,
+                run.policy.dtype_name,
+                run.policy.dtype_reason,
+            )
+            result = body(cfg, run)
         if isinstance(result, dict):
             run.set_final_metrics(**result)
         run.set_final_metrics(wall_time_s=round(time.time() - t0, 3))
         run.finish("completed")
         return {"status": "completed", **run.final_metrics}
     except Preempted as e:
-        run.finish("preempted", e, requeue=e.requeue is not None)
+        run.finish(e.status, e, requeue=e.requeue is not None)
         raise
+    except KeyboardInterrupt as e:
+        run.finish("interrupted", "interrupted (Ctrl-C) before a checkpoint could be written")
+        raise e
     except BaseException as e:
         log.error("run failed: %s: %s", type(e).__name__, e)
         run.finish("failed", e)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
         run.detach_log()
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

@@ -1,7 +1,7 @@
 """The timestamp + random suffix that names a run (or sweep) directory.
 
 One value per process, created on first use. When several processes each run Hydra for the same
-run (`torchrun`, plain `srun`), `chatlm.app` makes rank 0 create it and hands it to the others
+run (`torchrun`, plain `srun`), `chatlm.hydra.app` makes rank 0 create it and hands it to the others
 (`chatlm.runtime.dist.agree_on_stamp`) before any of them composes, so all build the same path.
 """
 

@@ -96,6 +96,7 @@ class Tokenizer:
             explicit_n_vocab=n + len(self.special_tokens),
         )
         self._token_bytes: Optional[np.ndarray] = None
+        self._fingerprint: Optional[str] = None
 
     # -- vocabulary ------------------------------------------------------------------------------
 
@@ -200,6 +201,30 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> bytes:
         return self.enc.decode_single_token_bytes(int(token_id))
 
+    # -- identity ----------------------------------------------------------------------------------
+
+    def _ranks_text(self) -> str:
+        return "".join(
+            f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
+            for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the merges, the split pattern and the special tokens: two tokenizers with the
+        same fingerprint map every text to the same ids. Checkpoints record it (`identity`)."""
+        if self._fingerprint is None:
+            ranks = hashlib.sha256(self._ranks_text().encode("ascii")).hexdigest()
+            blob = json.dumps(
+                {"ranks_sha256": ranks, "pattern": self.pattern, "special_tokens": self.special_tokens}, sort_keys=True
+            )
+            self._fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        """What a checkpoint records about the tokenizer it was trained with."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "sha256": self.fingerprint}
+
     # -- persistence -------------------------------------------------------------------------------
 
     def save(self, directory: Union[str, os.PathLike]) -> Path:
@@ -210,10 +235,7 @@ class Tokenizer:
         """
         out = Path(directory).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        ranks_text = "".join(
-            f"{base64.b64encode(tok).decode('ascii')} {rank}\n"
-            for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
-        )
+        ranks_text = self._ranks_text()
         meta = {
             "format": "chatlm-tokenizer",
             "version": FORMAT_VERSION,

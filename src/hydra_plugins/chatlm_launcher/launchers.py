@@ -1,6 +1,6 @@
-"""chatlm's launchers, where Hydra's plugin discovery finds them (logic: `chatlm.launcher`)."""
+"""chatlm's launchers, where Hydra's plugin discovery finds them (logic: `chatlm.hydra.launcher`)."""
 
-from chatlm.launcher import ChatlmLauncherMixin
+from chatlm.hydra.launcher import ChatlmLauncherMixin
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher, SlurmLauncher
 
 

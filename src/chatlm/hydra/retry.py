@@ -123,7 +123,7 @@ def _expand_points(task_overrides: list[str]) -> list[list[str]]:
 
 def _dirname_for(point: list[str], hydra_cfg: dict) -> str:
     """`<overrides>` part of a job directory, as conf/hydra/default.yaml derives it."""
-    from chatlm.app import safe_dirname
+    from chatlm.hydra.store import safe_dirname
 
     od = ((hydra_cfg.get("job") or {}).get("config") or {}).get("override_dirname") or {}
     exclude = set(od.get("exclude_keys") or [])
@@ -145,7 +145,7 @@ def read_sweep(sweep_dir: Path) -> RetryPlan:
             sweep_dir,
             record.get("stage") or "train",
             record.get("cwd") or ".",
-            "chatlm_launcher" in target or "chatlm.launcher" in target,
+            "chatlm_launcher" in target or "chatlm.launcher" in target or "chatlm.hydra.launcher" in target,
             list(record.get("task_overrides") or []),
             list(record.get("hydra_overrides") or []),
             [],

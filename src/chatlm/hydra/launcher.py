@@ -16,7 +16,7 @@ where Hydra's plugin discovery looks). Over the plugin's own launchers they add:
 - `only_jobs`: submit a subset of the sweep's points (the ones `chatlm runs retry` picked).
 
 Requeue on time limit or preemption is submitit's: the launcher is "checkpointable", and chatlm's
-training loop saves a checkpoint before handing the USR2 signal on (see `chatlm.train.StopSignal`);
+training loop saves a checkpoint before handing the USR2 signal on (see `chatlm.runtime.signals.StopSignal`);
 the requeued job lands in the same run directory and resumes from it (`resume=auto`).
 """
 
@@ -37,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
+from chatlm.errors import LaunchError
 from chatlm.runs.summary import read_sweep_record, write_sweep_record
 from chatlm.runtime.rundir import SCHEMA_VERSION, mark_failed_if_running, now_iso
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
@@ -79,10 +80,6 @@ def register() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # checks before submitting
-
-
-class LaunchError(Exception):
-    """The launch cannot work as asked; reported as one line before anything is submitted."""
 
 
 def _run(cmd: list[str], timeout: float = 20) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 `SweepSummary` writes summary.csv / summary.md at the root of every multirun sweep, including
 failed jobs. Hydra turns exceptions raised in callbacks into warnings, so a sweep with failed jobs
-is reported through `take_failure()`, which `chatlm.app.run_stage` checks to exit non-zero. Hydra
+is reported through `take_failure()`, which `chatlm.hydra.app.run_stage` checks to exit non-zero. Hydra
 skips `on_multirun_end` when a launcher raises (e.g. a Slurm job killed outright), so the summary is
 also written by an exit hook armed at `on_multirun_start`.
 """
@@ -61,7 +61,7 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         global _failure
-        from chatlm.launcher import take_submitted
+        from chatlm.hydra.launcher import take_submitted
 
         submitted = take_submitted()
         if submitted is not None:  # hydra.launcher.wait=false: the jobs run on without us

@@ -1,0 +1,55 @@
+"""Which schema backs which config group and which stage. The Hydra edge registers these in
+Hydra's ConfigStore; the config tests check that every YAML file of a group validates against its
+schema."""
+
+from __future__ import annotations
+
+from chatlm.config.data import DataConfig, TokenizerConfig
+from chatlm.config.model import ModelConfig
+from chatlm.config.optim import OptimConfig, ScheduleConfig
+from chatlm.config.runtime import (
+    ClusterInfo,
+    DebugInfo,
+    ExperimentInfo,
+    HardwareConfig,
+    LoggerConfig,
+    PathsConfig,
+    PrecisionConfig,
+    SweepInfo,
+)
+from chatlm.config.stages import BenchConfig, CheckConfig, EvalConfig, StageConfig, TokenizeConfig, TrainConfig
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "data": DataConfig,
+    "tokenizer": TokenizerConfig,
+    "hardware": HardwareConfig,
+    "precision": PrecisionConfig,
+    "logger": LoggerConfig,
+    "paths": PathsConfig,
+    "cluster": ClusterInfo,
+    "experiment": ExperimentInfo,
+    "sweep": SweepInfo,
+    "debug": DebugInfo,
+}
+
+#: the root schema of each stage's primary config (conf/<stage>.yaml)
+STAGE_SCHEMAS: dict[str, type] = {
+    "check": CheckConfig,
+    "tokenize": TokenizeConfig,
+    "train": TrainConfig,
+    "bench": BenchConfig,
+    "eval": EvalConfig,
+}
+
+
+def stage_schema(stage: object) -> type:
+    """The schema of a stage by name; unknown stages (other tools' records) get the base StageConfig."""
+    return STAGE_SCHEMAS.get(str(stage), StageConfig)
+
+
+def schema_fields(cls: type) -> list[str]:
+    """Field names of a schema dataclass (used for 'did you mean' suggestions)."""
+    return list(getattr(cls, "__dataclass_fields__", {}))

@@ -1,0 +1,73 @@
+"""The model and optimizer of a training run, built the same way by every stage and the benchmark:
+meta device -> to_empty -> nanochat's init -> fp8 linears (before compile, so the compiled graph
+sees them) -> torch.compile -> MuonAdamW with the depth-transferred LRs and weight decay."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chatlm.config import ModelConfig, OptimConfig, ScheduleConfig
+from chatlm.optim import build_optimizer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
+from chatlm.training.trainer import Hyperparameters
+
+
+@dataclass
+class TrainingModel:
+    model: Any  # the module whose state is saved
+    train_model: Any  # what runs forward: the compiled model, or `model`
+    backend: str  # the attention backend in use
+    fp8_linears: int  # Linears converted to fp8
+
+
+def build_training_model(model_cfg: ModelConfig, vocab_size: int, policy: Any, device: torch.device) -> TrainingModel:
+    """A freshly initialized GPT (identical on every rank: same seed, no broadcast needed)."""
+    from chatlm.model import GPT, select_backend
+    from chatlm.model.fp8 import convert_to_fp8
+
+    dtype = policy.compute_dtype
+    backend = select_backend(model_cfg.attention_backend, device, dtype)
+    with torch.device("meta"):
+        model = GPT(model_cfg, vocab_size, dtype, backend)
+    model.to_empty(device=device)
+    model.init_weights()
+    n_fp8 = convert_to_fp8(model) if policy.fp8 else 0
+    return TrainingModel(model, policy.compile_model(model), backend, n_fp8)
+
+
+def build_training_optimizer(model: Any, optim_cfg: OptimConfig, plan: Any, policy: Any) -> Any:
+    """MuonAdamW (or AdamW) over the model's parameter groups, LRs scaled by the plan's batch."""
+    return build_optimizer(
+        model,
+        optim_cfg,
+        plan.n_embd,
+        plan.batch_lr_scale,
+        plan.muon_weight_decay,
+        compute_dtype=policy.compute_dtype,
+        compile=policy.compile,
+    )
+
+
+class PretrainSchedule:
+    """nanochat's pretraining schedules (§3.4-3.5): the LR multiplier, Muon momentum and Muon weight decay."""
+
+    def __init__(self, schedule: ScheduleConfig, optim: OptimConfig, muon_weight_decay: float):
+        self.schedule, self.optim, self.wd = schedule, optim, muon_weight_decay
+
+    def __call__(self, step: int, total: int) -> Hyperparameters:
+        o = self.optim
+        return Hyperparameters(
+            lr_multiplier_from_config(self.schedule, step, total),
+            muon_momentum(
+                step,
+                total,
+                self.schedule.warmdown_ratio,
+                o.momentum_start,
+                o.momentum,
+                o.momentum_warmup_steps,
+                o.momentum_end,
+            ),
+            muon_weight_decay(step, total, self.wd),
+        )

@@ -1,0 +1,300 @@
+"""Pretraining (nanochat's base_train), assembled from the shared parts.
+
+Reading order: `pretrain` prepares the data and tokenizer, derives the plan (chatlm.training.plan),
+builds the model and optimizer (chatlm.training.build), resumes or initializes from a checkpoint,
+and hands a `Trainer` its hooks: validation bits-per-byte, samples, checkpoints, logging,
+profiling and stop signals. Everything a run produces goes into its run directory.
+
+Resuming: with `resume=auto` (the default) a run directory that already has checkpoints continues
+from `checkpoints/latest`, exactly: model, optimizer, data loader position and RNG are restored, so
+the losses match an uninterrupted run (bitwise on CPU). SIGTERM / SIGUSR1 (Slurm preemption and
+time limits) and Ctrl-C write a checkpoint at the end of the current step and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from chatlm.config import ConfigError, TrainConfig
+from chatlm.data.loader import make_loader
+from chatlm.data.shards import list_shards
+from chatlm.data.sources import prepare_source
+from chatlm.model.fp8 import fp8_disabled
+from chatlm.optim.loss_scale import LossScaler
+from chatlm.runtime import checkpoint as ckpt
+from chatlm.runtime.flops import peak_flops
+from chatlm.runtime.metric_logger import MetricLogger
+from chatlm.runtime.model_loading import load_weights, tokenizer_record
+from chatlm.runtime.profile import StepProfiler
+from chatlm.runtime.rundir import Run, config_hash, resume_hint
+from chatlm.tokenizer import Tokenizer, tokenizer_dir
+from chatlm.training.batches import RepeatBatches
+from chatlm.training.build import PretrainSchedule, build_training_model, build_training_optimizer
+from chatlm.training.checkpointing import CheckpointHook, restore
+from chatlm.training.hooks import GCHook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
+from chatlm.training.plan import Plan, describe_plan, plan_run
+from chatlm.training.trainer import Trainer
+
+log = logging.getLogger("chatlm")
+
+
+# ----------------------------------------------------------------------------------------------
+# data and tokenizer
+
+
+def data_dirs(cfg: Any, run: Run) -> list[Path]:
+    """The shard directory of every data source, built or downloaded by the main rank first."""
+    ctx = run.ctx
+    dirs = []
+    for source in cfg.data.sources:
+        dirs.append(prepare_source(source, cfg.paths, rank_is_main=ctx.is_main, wait_for=ctx.barrier))
+        if ctx.is_main:
+            ctx.barrier()  # the other ranks wait in prepare_source until the main rank is done
+    return dirs
+
+
+def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Tokenizer:
+    """The configured tokenizer; trained here first (main rank) when `auto_tokenizer` is set."""
+    ctx = run.ctx
+    path = tokenizer_dir(cfg.tokenizer, cfg.paths)
+    if not (path / "tokenizer.json").exists() and cfg.auto_tokenizer:
+        if ctx.is_main:
+            from chatlm.tokenizer import train_tokenizer
+            from chatlm.tokenizer.training_text import training_texts
+
+            log.info(
+                "no tokenizer at %s: training %s (vocab %d) on the train shards first (auto_tokenizer=true)",
+                path,
+                cfg.tokenizer.name,
+                cfg.tokenizer.vocab_size,
+            )
+            sets = [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, cfg.data.sources)]
+            tok = train_tokenizer(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
+            tok.save(path)
+        ctx.barrier()
+    return Tokenizer.load(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and samples
+
+
+class ValidationBpb:
+    """Bits per byte on the first `eval_tokens` of the validation shards (all ranks together).
+
+    A fresh loader each time (nanochat); fp8 models are evaluated in bf16 through plain Linears
+    sharing the weights, uncompiled. A val split smaller than eval_tokens is evaluated whole: its
+    last batch is padded with ignored targets (on 8 GPUs at B=16, T=2048 the embedded split has no
+    full batch at all)."""
+
+    def __init__(
+        self, cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list[tuple[Path, float]], plan: Plan, built: Any
+    ):
+        self.cfg, self.ctx, self.tok, self.val_files, self.built = cfg, run.ctx, tok, val_files, built
+        self.B, self.T = plan.device_batch_size, plan.seq_len
+        self.steps = max(1, cfg.eval_tokens // (self.B * self.T * self.ctx.world_size))
+        self.token_bytes = tok.token_bytes_tensor(self.ctx.device)
+        self.reported_short = False
+
+    def __call__(self) -> float:
+        from chatlm.evals.bpb import evaluate_bpb
+
+        ctx, data = self.ctx, self.cfg.data
+        val = make_loader(
+            [([f], w) for f, w in self.val_files],
+            self.tok,
+            self.B,
+            self.T,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            buffer_size=data.doc_buffer,
+            threads=data.tokenizer_threads,
+            infinite=False,
+            pad_last=True,
+        )
+        if self.built.fp8_linears:
+            with fp8_disabled(self.built.model) as plain:
+                bpb = evaluate_bpb(plain, val, self.token_bytes, max_steps=self.steps)
+        else:
+            bpb = evaluate_bpb(self.built.train_model, val, self.token_bytes, max_steps=self.steps)
+        if val.drained and not self.reported_short:
+            self.reported_short = True
+            log.info(
+                "val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d evaluated "
+                "%d tokens of the %d asked of each rank); lower eval_tokens or add val data for a fixed-size "
+                "evaluation",
+                self.cfg.eval_tokens,
+                ctx.rank,
+                ctx.world_size,
+                val.packer.tokens_out,
+                self.steps * self.B * self.T,
+            )
+        return bpb
+
+
+class SampleWriter:
+    """nanochat's samples: 7 fixed prompts, greedy, 16 tokens, into samples/step_<N>.txt (main rank)."""
+
+    def __init__(self, run: Run, tok: Tokenizer, model: Any):
+        self.run, self.tok, self.model = run, tok, model
+
+    def __call__(self, step: int) -> None:
+        if not self.run.is_main:
+            return
+        from chatlm.engine.generate import SAMPLE_PROMPTS, sample_texts
+
+        with fp8_disabled(self.model) as plain:
+            texts = sample_texts(plain, self.tok, SAMPLE_PROMPTS, max_new_tokens=16)
+        lines = [f"{p!r} -> {t!r}" for p, t in zip(SAMPLE_PROMPTS, texts)]
+        (self.run.path / "samples").mkdir(exist_ok=True)
+        (self.run.path / "samples" / f"step_{step:06d}.txt").write_text("\n".join(lines) + "\n")
+        log.info("samples at step %d:\n  %s", step, "\n  ".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def _resume_source(cfg: TrainConfig, run: Run) -> Optional[Path]:
+    if cfg.resume == "auto":
+        return ckpt.latest_checkpoint(run.path)
+    if cfg.resume != "never":
+        return ckpt.find_checkpoint(cfg.resume)
+    return None
+
+
+def _plan(cfg: TrainConfig, run: Run, tok: Tokenizer) -> Plan:
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
+        raise ConfigError("model.vocab_size", f"is {cfg.model.vocab_size} but the tokenizer has {tok.vocab_size} ids")
+    plan = plan_run(cfg, tok.vocab_size, run.ctx.world_size)
+    run.record_derived(**asdict(plan), tokenizer_dir=str(tokenizer_dir(cfg.tokenizer, cfg.paths)))
+    for line in describe_plan(plan):
+        log.info("%s", line)
+    if run.is_main:
+        _log_estimate(cfg, run, plan)
+    return plan
+
+
+def _log_estimate(cfg: TrainConfig, run: Run, plan: Plan) -> None:
+    from chatlm.training.estimate import describe_estimate, estimate
+
+    device = run.ctx.device
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
+    est = estimate(plan, device, run.policy.compute_dtype, peak)
+    run.record_derived(estimated_train_s=est.seconds, estimated_memory_gib=round(est.memory_bytes / 2**30, 3))
+    for line in describe_estimate(est):
+        (log.warning if line.startswith("warning:") else log.info)("%s", line.removeprefix("warning: "))
+
+
+def _hooks(
+    cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any, splits: list, resumed_at: Optional[int]
+) -> list:
+    """The pretraining hooks, in the order the trainer calls them (see chatlm.training.hooks)."""
+    ctx = run.ctx
+    metrics = MetricLogger(run, cfg.logger, total_steps=plan.num_iterations, resume_step=resumed_at)
+    val_files = [(val, s.weight) for (_, val), s in zip(splits, cfg.data.sources)]
+    meta = {
+        "config_hash": config_hash(run.resolved),
+        "model_config": asdict(cfg.model),
+        "vocab_size": tok.vocab_size,
+        "plan": asdict(plan),
+        "tokenizer": tokenizer_record(tok, tokenizer_dir(cfg.tokenizer, cfg.paths)),
+        "init_from": cfg.init_from,
+    }
+    checkpoint = CheckpointHook(
+        run, every=cfg.save_every, meta=meta, tokenizer=tok, keep=cfg.keep_checkpoints, fresh_run=resumed_at is None
+    )
+    device = ctx.device
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
+    start = (resumed_at or 0) + cfg.profile_start
+    profiler = StepProfiler(run.path, ctx.rank, start, cfg.profile_steps, device)
+    return [
+        GCHook(),
+        ValidationHook(cfg.eval_every, ValidationBpb(cfg, run, tok, val_files, plan, built), metrics),
+        Periodic(cfg.sample_every, SampleWriter(run, tok, built.model)),
+        checkpoint,
+        LogHook(
+            metrics,
+            cfg.log_every,
+            plan.flops_per_token,
+            peak,
+            ctx.world_size,
+            fp16=run.policy.compute_dtype == torch.float16,
+        ),
+        ProfilerHook(profiler),
+        StopHook(checkpoint, cfg.stop_at_step, resume_hint(run)),
+    ]
+
+
+def pretrain(cfg: TrainConfig, run: Run) -> dict:
+    ctx, policy = run.ctx, run.policy
+    shard_dirs = data_dirs(cfg, run)
+    tok = load_or_train_tokenizer(cfg, run, shard_dirs)
+    splits = [list_shards(d) for d in shard_dirs]  # (train files, val file) per source
+    plan = _plan(cfg, run, tok)
+    built = build_training_model(cfg.model, tok.vocab_size, policy, ctx.device)
+    log.info(
+        "attention backend: %s | compute dtype %s (%s) | compile %s | fp8 linears %d",
+        built.backend,
+        policy.dtype_name,
+        policy.dtype_reason,
+        policy.compile,
+        built.fp8_linears,
+    )
+    run.record_derived(attention_backend=built.backend, fp8_linears=built.fp8_linears)
+    optimizer = build_training_optimizer(built.model, cfg.optim, plan, policy)
+    batches: Any = make_loader(
+        [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
+        tok,
+        plan.device_batch_size,
+        plan.seq_len,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        buffer_size=cfg.data.doc_buffer,
+        threads=cfg.data.tokenizer_threads,
+    )
+    if cfg.overfit_batches > 0:
+        batches = RepeatBatches(batches, cfg.overfit_batches)
+    trainer = Trainer(
+        model=built.model,
+        train_model=built.train_model,
+        optimizer=optimizer,
+        batches=batches,
+        total_steps=plan.num_iterations,
+        grad_accum=plan.grad_accum,
+        tokens_per_step=plan.total_batch_size,
+        ctx=ctx,
+        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
+        scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
+    )
+    found = _resume_source(cfg, run)
+    if found is not None:
+        restore(trainer, found, model_cfg=cfg.model, tokenizer=tok)
+    elif cfg.init_from:
+        meta = load_weights(built.model, cfg.init_from, model_cfg=cfg.model, tokenizer=tok, map_location=ctx.device)
+        log.info("initialized weights from %s", meta["checkpoint"])
+    resumed_at = trainer.state.step if found is not None else None
+    trainer.hooks = _hooks(cfg, run, tok, plan, built, splits, resumed_at)
+    return trainer.fit()
+
+
+def describe_run(cfg: TrainConfig) -> str:
+    """`python -m chatlm.train --plan`: the derived sizes, batch and horizon, and an estimate of the
+    run's time and memory on this machine, without data, tokenizer or training."""
+    from chatlm.training.estimate import describe_estimate, estimate_run
+
+    path = tokenizer_dir(cfg.tokenizer, cfg.paths)
+    vocab = cfg.model.vocab_size or (
+        Tokenizer.load(path).vocab_size if (path / "tokenizer.json").exists() else cfg.tokenizer.vocab_size
+    )
+    world = cfg.hardware.nproc_per_node * cfg.hardware.nnodes
+    plan = plan_run(cfg, vocab, world)
+    lines = describe_plan(plan) + describe_estimate(estimate_run(cfg, plan))
+    return "\n".join(lines)
