@@ -203,3 +203,55 @@ def test_safe_dirname():
     long = safe_dirname("x=" + "a" * 500)
     assert len(long) == 120 and long != safe_dirname("x=" + "a" * 499)
     assert safe_dirname("") == "default"
+
+
+def _all_schemas() -> list[type]:
+    import dataclasses
+
+    from chatlm.config.keys import nested_schema
+
+    seen, todo = [], [*C.STAGE_SCHEMAS.values(), *C.GROUP_SCHEMAS.values(), C.DataSourceConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.append(cls)
+        todo += [t for f in dataclasses.fields(cls) if (t := nested_schema(cls, f.name)) is not None]
+    return seen
+
+
+def test_every_field_has_a_description():
+    import dataclasses
+
+    from chatlm.config.fields import field_help
+
+    missing = [f"{cls.__name__}.{f.name}" for cls in _all_schemas() for f in dataclasses.fields(cls)
+               if not field_help(f).strip()]
+    assert not missing, missing
+
+
+def test_docs_configs_md_is_generated_from_the_schemas():
+    from chatlm.config.reference import BEGIN, DOC, END, render
+
+    doc = DOC.read_text()
+    generated = doc.split(BEGIN, 1)[1].split(END, 1)[0].lstrip("\n")
+    assert generated == render(), "docs/configs.md is stale: run python -m chatlm.config.reference --write"
+    assert "| `softcap` | `15.0` | logit softcap" in generated and "*(does not change results)*" in generated
+
+
+def test_results_declarations_drive_hash_dirname_and_compare():
+    from chatlm.config.keys import dirname_exclusions, is_result_key, non_result_keys
+    from chatlm.hydra.store import excluded_from_dirname
+
+    assert non_result_keys(C.TrainConfig) == ("resume", "tags", "paths", "hardware", "logger", "cluster",
+                                              "stop_at_step")
+    assert "hardware" not in non_result_keys(C.BenchConfig)  # the benchmark measures the hardware
+    assert {"hardware.device_batch_size", "paths.output_root", "logger.kind"} <= set(dirname_exclusions(C.TrainConfig))
+    assert excluded_from_dirname("train") == list(dirname_exclusions(C.TrainConfig))
+    assert not is_result_key(C.TrainConfig, "hardware.compile") and is_result_key(C.TrainConfig, "model.depth")
+
+
+def test_sweep_dirnames_leave_out_non_result_keys(compose):
+    cfg = compose("train", ["hardware.device_batch_size=8", "model.softcap=10"], hydra_node=True)
+    exclude = list(cfg.hydra.job.config.override_dirname.exclude_keys)
+    assert "hardware.device_batch_size" in exclude and "model.softcap" not in exclude

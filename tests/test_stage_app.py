@@ -124,7 +124,9 @@ def test_invalid_sweep_point_is_a_failed_job_not_a_crash(tmp_path, run_stage):
     rows = (sweep / "summary.csv").read_text().splitlines()[1:]
     failed = sorted(row.split(",")[2] for row in rows if row.split(",")[1] == "failed")
     assert len(failed) == 2 and all("hardware.nproc_per_node=0" in f for f in failed)
-    bad = load_record(next(sweep.glob("*hardware.nproc_per_node=0*")))
+    # hardware keys do not change results, so job directories are named without them: find the job by number
+    num = next(row.split(",")[0] for row in rows if row.split(",")[1] == "failed")
+    bad = load_record(next(sweep.glob(f"{num}_*")))
     assert bad["error"]["type"] == "ConfigError" and "hardware.nproc_per_node" in bad["error"]["message"]
 
 
@@ -133,3 +135,14 @@ def test_failure_on_spawned_ranks_is_recorded(tmp_path, run_stage):
     assert r.returncode != 0
     rec = load_record(run_dirs(tmp_path / "outputs", "check")[0])
     assert rec["status"] == "failed" and rec["world_size"] == 2 and "on purpose" in rec["error"]["message"]
+
+
+def test_a_user_error_on_spawned_ranks_is_one_line(tmp_path, run_stage):
+    # every rank raises CheckpointError; it reaches the launching process as data, not traceback text
+    r = run_stage("train", "debug=smoke", "hardware=cpu2", "total_batch_size=1024", "init_from=/no/such/ckpt",
+                  timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "chatlm train: error: no checkpoint at /no/such/ckpt: the path does not exist" in r.stderr
+    assert "Traceback" not in r.stderr and "run directory:" in r.stderr
+    rec = load_record(run_dirs(tmp_path / "outputs", "train")[0])
+    assert rec["status"] == "failed" and rec["error"]["type"] == "CheckpointError"

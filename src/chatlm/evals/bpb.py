@@ -12,11 +12,14 @@ batches.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("chatlm")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -76,3 +79,56 @@ def evaluate_bpb(
     if nbytes <= 0:
         return float("inf")
     return nats / (math.log(2) * nbytes)
+
+
+class ValidationBpb:
+    """Bits per byte on the first `eval_tokens` of validation shards, all ranks together.
+
+    A fresh loader each call (nanochat), so every evaluation scores the same tokens. A val split
+    smaller than eval_tokens is scored whole: its last batch is padded with ignored targets (on 8
+    GPUs at B=16, T=2048 the embedded split has no full batch at all), and the first such call logs
+    how many tokens that was. `val_files` is [(val shard, source weight)]; `data` a DataConfig
+    (doc buffer, tokenizer threads); `ctx` the rank's DistContext."""
+
+    def __init__(
+        self, val_files: list, tokenizer: Any, batch_size: int, seq_len: int, eval_tokens: int, data: Any, ctx: Any
+    ):
+        self.val_files, self.tok, self.data, self.ctx = val_files, tokenizer, data, ctx
+        self.B, self.T, self.eval_tokens = batch_size, seq_len, eval_tokens
+        self.steps = max(1, eval_tokens // (batch_size * seq_len * ctx.world_size))
+        self.token_bytes = tokenizer.token_bytes_tensor(ctx.device)
+        self.reported_short = False
+        self.tokens_scored = 0  # this rank's tokens in the last call
+
+    def __call__(self, model: torch.nn.Module) -> float:
+        from chatlm.data.loader import make_loader
+
+        ctx = self.ctx
+        val = make_loader(
+            [([f], w) for f, w in self.val_files],
+            self.tok,
+            self.B,
+            self.T,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            device=ctx.device,
+            buffer_size=self.data.doc_buffer,
+            threads=self.data.tokenizer_threads,
+            infinite=False,
+            pad_last=True,
+        )
+        bpb = evaluate_bpb(model, val, self.token_bytes, max_steps=self.steps)
+        self.tokens_scored = val.packer.tokens_out
+        if val.drained and not self.reported_short:
+            self.reported_short = True
+            log.info(
+                "val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d evaluated "
+                "%d tokens of the %d asked of each rank); lower eval_tokens or add val data for a fixed-size "
+                "evaluation",
+                self.eval_tokens,
+                ctx.rank,
+                ctx.world_size,
+                val.packer.tokens_out,
+                self.steps * self.B * self.T,
+            )
+        return bpb

@@ -555,7 +555,8 @@ class ProgressReporter:
 
     def format_line(self, step: int, metrics: Mapping[str, Any], eta: Optional[float]) -> str:
         pct = f" ({100 * step / self.total:.1f}%)" if self.total else ""
-        parts = [f"step {step}/{self.total}{pct}", *format_metrics(metrics), f"eta {format_duration(eta)}"]
+        what = "step" if self.description == "train" else self.description
+        parts = [f"{what} {step}/{self.total}{pct}", *format_metrics(metrics), f"eta {format_duration(eta)}"]
         return " | ".join(parts)
 
     def update(self, step: int, **metrics: Any) -> None:

@@ -64,7 +64,7 @@ def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Token
     path = tokenizer_dir(cfg.tokenizer, cfg.paths)
     if not (path / "tokenizer.json").exists() and cfg.auto_tokenizer:
         if ctx.is_main:
-            from chatlm.tokenizer import train_tokenizer
+            from chatlm.tokenizer.build import train_with_progress
             from chatlm.tokenizer.training_text import training_texts
 
             log.info(
@@ -74,7 +74,7 @@ def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Token
                 cfg.tokenizer.vocab_size,
             )
             sets = [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, cfg.data.sources)]
-            tok = train_tokenizer(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
+            tok = train_with_progress(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
             tok.save(path)
         ctx.barrier()
     return Tokenizer.load(path)
@@ -84,58 +84,20 @@ def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Token
 # validation and samples
 
 
-class ValidationBpb:
-    """Bits per byte on the first `eval_tokens` of the validation shards (all ranks together).
+def _val_bpb(cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list, plan: Plan, built: Any) -> Any:
+    """The validation callable: fp8 models are evaluated in bf16 through plain Linears sharing the
+    weights, uncompiled (nanochat); others through the compiled model."""
+    from chatlm.evals.bpb import ValidationBpb
 
-    A fresh loader each time (nanochat); fp8 models are evaluated in bf16 through plain Linears
-    sharing the weights, uncompiled. A val split smaller than eval_tokens is evaluated whole: its
-    last batch is padded with ignored targets (on 8 GPUs at B=16, T=2048 the embedded split has no
-    full batch at all)."""
+    bpb = ValidationBpb(val_files, tok, plan.device_batch_size, plan.seq_len, cfg.eval_tokens, cfg.data, run.ctx)
+    if not built.fp8_linears:
+        return lambda: bpb(built.train_model)
 
-    def __init__(
-        self, cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list[tuple[Path, float]], plan: Plan, built: Any
-    ):
-        self.cfg, self.ctx, self.tok, self.val_files, self.built = cfg, run.ctx, tok, val_files, built
-        self.B, self.T = plan.device_batch_size, plan.seq_len
-        self.steps = max(1, cfg.eval_tokens // (self.B * self.T * self.ctx.world_size))
-        self.token_bytes = tok.token_bytes_tensor(self.ctx.device)
-        self.reported_short = False
+    def plain_bpb() -> float:
+        with fp8_disabled(built.model) as plain:
+            return bpb(plain)
 
-    def __call__(self) -> float:
-        from chatlm.evals.bpb import evaluate_bpb
-
-        ctx, data = self.ctx, self.cfg.data
-        val = make_loader(
-            [([f], w) for f, w in self.val_files],
-            self.tok,
-            self.B,
-            self.T,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-            buffer_size=data.doc_buffer,
-            threads=data.tokenizer_threads,
-            infinite=False,
-            pad_last=True,
-        )
-        if self.built.fp8_linears:
-            with fp8_disabled(self.built.model) as plain:
-                bpb = evaluate_bpb(plain, val, self.token_bytes, max_steps=self.steps)
-        else:
-            bpb = evaluate_bpb(self.built.train_model, val, self.token_bytes, max_steps=self.steps)
-        if val.drained and not self.reported_short:
-            self.reported_short = True
-            log.info(
-                "val bpb covers the whole val split: it ran out before eval_tokens=%d (rank %d of %d evaluated "
-                "%d tokens of the %d asked of each rank); lower eval_tokens or add val data for a fixed-size "
-                "evaluation",
-                self.cfg.eval_tokens,
-                ctx.rank,
-                ctx.world_size,
-                val.packer.tokens_out,
-                self.steps * self.B * self.T,
-            )
-        return bpb
+    return plain_bpb
 
 
 class SampleWriter:
@@ -216,7 +178,7 @@ def _hooks(
     profiler = StepProfiler(run.path, ctx.rank, start, cfg.profile_steps, device)
     return [
         GCHook(),
-        ValidationHook(cfg.eval_every, ValidationBpb(cfg, run, tok, val_files, plan, built), metrics),
+        ValidationHook(cfg.eval_every, _val_bpb(cfg, run, tok, val_files, plan, built), metrics),
         Periodic(cfg.sample_every, SampleWriter(run, tok, built.model)),
         checkpoint,
         LogHook(
