@@ -225,8 +225,12 @@ def test_every_field_has_a_description():
 
     from chatlm.config.fields import field_help
 
-    missing = [f"{cls.__name__}.{f.name}" for cls in _all_schemas() for f in dataclasses.fields(cls)
-               if not field_help(f).strip()]
+    missing = [
+        f"{cls.__name__}.{f.name}"
+        for cls in _all_schemas()
+        for f in dataclasses.fields(cls)
+        if not field_help(f).strip()
+    ]
     assert not missing, missing
 
 
@@ -243,8 +247,15 @@ def test_results_declarations_drive_hash_dirname_and_compare():
     from chatlm.config.keys import dirname_exclusions, is_result_key, non_result_keys
     from chatlm.hydra.store import excluded_from_dirname
 
-    assert non_result_keys(C.TrainConfig) == ("resume", "tags", "paths", "hardware", "logger", "cluster",
-                                              "stop_at_step")
+    assert non_result_keys(C.TrainConfig) == (
+        "resume",
+        "tags",
+        "paths",
+        "hardware",
+        "logger",
+        "cluster",
+        "stop_at_step",
+    )
     assert "hardware" not in non_result_keys(C.BenchConfig)  # the benchmark measures the hardware
     assert {"hardware.device_batch_size", "paths.output_root", "logger.kind"} <= set(dirname_exclusions(C.TrainConfig))
     assert excluded_from_dirname("train") == list(dirname_exclusions(C.TrainConfig))

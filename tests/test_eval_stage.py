@@ -20,16 +20,23 @@ from tests.test_model_loading import LEGACY, legacy_copy
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaltrain")
     env = stage_env(root)
-    r = subprocess.run([sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = run_dirs(root / "outputs", "train")
     return run, env, root
 
 
 def run_eval(root, env, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "chatlm.eval", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "chatlm.eval", *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_eval_config_has_no_optimizer_or_model():
@@ -58,8 +65,17 @@ def test_eval_scores_the_checkpoint_as_training_did(trained):
 def test_eval_of_a_legacy_checkpoint_with_its_tokenizer(tmp_path):
     env = stage_env(tmp_path)
     data = f"data.sources.0.path={LEGACY / 'data'}"
-    r = run_eval(tmp_path, env, f"ckpt={LEGACY / 'run'}", f"tokenizer_dir={LEGACY / 'tokenizer' / 'bpe300'}",
-                 "data.sources.0.kind=local", data, "eval_tokens=256", "hardware=cpu", "copy_to_run=false")
+    r = run_eval(
+        tmp_path,
+        env,
+        f"ckpt={LEGACY / 'run'}",
+        f"tokenizer_dir={LEGACY / 'tokenizer' / 'bpe300'}",
+        "data.sources.0.kind=local",
+        data,
+        "eval_tokens=256",
+        "hardware=cpu",
+        "copy_to_run=false",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (ev,) = run_dirs(tmp_path / "outputs", "eval")
     assert 0 < load_record(ev)["final_metrics"]["val_bpb"] < 20

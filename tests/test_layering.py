@@ -10,12 +10,34 @@ import pytest
 SRC = Path(__file__).resolve().parent.parent / "src" / "chatlm"
 
 # packages (and modules) that make up the library: none of them may import Hydra or a stage app
-LIBRARY = ["config", "model", "optim", "data", "tokenizer", "training", "runtime", "runs", "evals", "engine",
-           "bench", "errors.py"]
+LIBRARY = [
+    "config",
+    "model",
+    "optim",
+    "data",
+    "tokenizer",
+    "training",
+    "runtime",
+    "runs",
+    "evals",
+    "engine",
+    "bench",
+    "errors.py",
+]
 EDGE_FILES = {SRC / "bench" / "__main__.py"}  # `python -m chatlm.bench`: the bench's Hydra edge
 STAGE_APPS = ["train.py", "eval.py", "check.py", "tokenize.py", "bench/__main__.py"]
-FORBIDDEN = ("hydra", "omegaconf", "hydra_plugins", "submitit", "chatlm.hydra", "chatlm.train", "chatlm.eval",
-             "chatlm.check", "chatlm.tokenize", "chatlm.cli")
+FORBIDDEN = (
+    "hydra",
+    "omegaconf",
+    "hydra_plugins",
+    "submitit",
+    "chatlm.hydra",
+    "chatlm.train",
+    "chatlm.eval",
+    "chatlm.check",
+    "chatlm.tokenize",
+    "chatlm.cli",
+)
 
 
 def library_files() -> list[Path]:

@@ -13,8 +13,13 @@ import torch
 import yaml
 
 from chatlm.config import ModelConfig
-from chatlm.runtime.model_loading import (TokenizerMismatch, check_architecture, load_model, load_weights,
-                                          model_config_from_meta)
+from chatlm.runtime.model_loading import (
+    TokenizerMismatch,
+    check_architecture,
+    load_model,
+    load_weights,
+    model_config_from_meta,
+)
 from chatlm.runtime.rundir import config_hash
 from chatlm.tokenizer import Tokenizer
 from tests.conftest import load_record, run_dirs, stage_env
@@ -27,8 +32,14 @@ def trained(tmp_path_factory):
     """A 5-step smoke run of today's code: (run dir, env)."""
     root = tmp_path_factory.mktemp("trained")
     env = stage_env(root)
-    r = subprocess.run([sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = run_dirs(root / "outputs", "train")
     return run, env
@@ -147,12 +158,28 @@ def test_training_continues_a_legacy_checkpoint(tmp_path):
     data = tmp_path / "data"
     shutil.copytree(LEGACY / "data", data)
     env = stage_env(tmp_path)
-    args = ["debug=smoke", "tokenizer.name=bpe300", "tokenizer.vocab_size=300",
-            f"tokenizer.dir={LEGACY / 'tokenizer' / 'bpe300'}", "data.sources.0.kind=local",
-            f"data.sources.0.path={data}", "data.doc_buffer=8", "model.sequence_len=64", "total_batch_size=256",
-            "steps=4", "eval_tokens=256", f"resume={LEGACY / 'run' / 'checkpoints' / 'step_000002'}"]
-    r = subprocess.run([sys.executable, "-m", "chatlm.train", *args], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    args = [
+        "debug=smoke",
+        "tokenizer.name=bpe300",
+        "tokenizer.vocab_size=300",
+        f"tokenizer.dir={LEGACY / 'tokenizer' / 'bpe300'}",
+        "data.sources.0.kind=local",
+        f"data.sources.0.path={data}",
+        "data.doc_buffer=8",
+        "model.sequence_len=64",
+        "total_batch_size=256",
+        "steps=4",
+        "eval_tokens=256",
+        f"resume={LEGACY / 'run' / 'checkpoints' / 'step_000002'}",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = run_dirs(tmp_path / "outputs", "train")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chatlm.cli import main
 from chatlm.runs.compare import differing_keys, mean_std, metric_values
@@ -380,3 +381,19 @@ def test_compare_at_equal_tokens_and_flops(tmp_path, capsys):
     rows = list(__import__("csv").reader(capsys.readouterr().out.splitlines()))
     assert rows[0][-1] == "val_bpb @ 3000 flops"
     assert [r[-1] for r in rows[1:]] == ["0.5", "2.5"]  # run 1 at 150 tokens
+
+
+def test_compare_lists_non_result_differences_apart(tmp_path, capsys):
+    for i, batch in enumerate((4, 8)):
+        run_dir = tmp_path / f"r{i}"
+        run = _make(tmp_path, run_dir, softcap=15.0, seed=1, start=_start(i), name=f"r{i}")
+        cfg = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        cfg["hardware"] = {"device_batch_size": batch}  # where/how it ran: not a result column
+        (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(cfg))
+        run.set_final_metrics(val_bpb=1.0 + i)
+        run.finish("completed")
+    assert main(["runs", "compare", str(tmp_path / "r0"), str(tmp_path / "r1")]) == 0
+    out = capsys.readouterr().out
+    header, _ = _table(out.split("also differ")[0])
+    assert "hardware.device_batch_size" not in header and header[:2] == ["run", "status"]
+    assert "also differ, without changing results: hardware.device_batch_size" in out

@@ -139,8 +139,9 @@ def test_failure_on_spawned_ranks_is_recorded(tmp_path, run_stage):
 
 def test_a_user_error_on_spawned_ranks_is_one_line(tmp_path, run_stage):
     # every rank raises CheckpointError; it reaches the launching process as data, not traceback text
-    r = run_stage("train", "debug=smoke", "hardware=cpu2", "total_batch_size=1024", "init_from=/no/such/ckpt",
-                  timeout=300)
+    r = run_stage(
+        "train", "debug=smoke", "hardware=cpu2", "total_batch_size=1024", "init_from=/no/such/ckpt", timeout=300
+    )
     assert r.returncode == 1, r.stderr[-2000:]
     assert "chatlm train: error: no checkpoint at /no/such/ckpt: the path does not exist" in r.stderr
     assert "Traceback" not in r.stderr and "run directory:" in r.stderr

@@ -108,8 +108,14 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
-def _key_overrides(overrides: list[str]) -> str:
-    keep = [o for o in overrides if not o.lstrip("+~").startswith(("hydra", "paths.", "run_name="))]
+def _key_overrides(overrides: list[str], stage: str) -> str:
+    """The overrides that change results (the schema's declaration); run_name is its own column."""
+    from chatlm.config import stage_schema
+    from chatlm.config.keys import is_result_key
+
+    schema = stage_schema(stage)
+    keys = [(o, o.lstrip("+~").split("=", 1)[0]) for o in overrides]
+    keep = [o for o, k in keys if not k.startswith("hydra") and k != "run_name" and is_result_key(schema, k)]
     return " ".join(keep)
 
 
@@ -177,7 +183,7 @@ def _runs_ls(args: argparse.Namespace) -> int:
                 start,
                 _fmt_duration(r.duration_s),
                 r.model,
-                _key_overrides(r.overrides),
+                _key_overrides(r.overrides, r.stage),
                 *[fmt(r.final_metrics.get(m)) for m in metric_cols],
             ]
         )
@@ -317,6 +323,11 @@ def _runs_compare(args: argparse.Namespace) -> int:
     metrics = args.metric or ["val_bpb"]
     headers, rows = compare_table(runs, metrics, at=args.at, at_value=args.at_value)
     _print_table(headers, rows, args.format, title="runs")
+    from chatlm.runs.compare import differing_keys
+
+    others = differing_keys(runs, results=False)
+    if others and args.format != "csv":
+        print(f"also differ, without changing results: {', '.join(others)}")
     if args.by:
         headers, rows = group_table(runs, args.by, metrics)
         print()

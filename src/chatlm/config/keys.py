@@ -28,7 +28,7 @@ def _hints(cls: type) -> dict[str, Any]:
 def nested_schema(cls: type, name: str) -> Optional[type]:
     """The dataclass type of field `name` of `cls`, if it is one."""
     t = _hints(cls).get(name)
-    return t if dataclasses.is_dataclass(t) else None
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
 
 
 def _walk(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Optional[type]]]:

@@ -14,6 +14,7 @@ import enum
 import sys
 from pathlib import Path
 
+from chatlm.config.data import DataConfig, DataSourceConfig
 from chatlm.config.fields import affects_results, field_help
 from chatlm.config.keys import nested_schema
 from chatlm.config.registry import GROUP_SCHEMAS, STAGE_SCHEMAS
@@ -58,24 +59,30 @@ def table(schema: type, skip_groups: bool = False) -> list[str]:
     return rows
 
 
+def _summary(schema: type) -> str:
+    return (schema.__doc__ or "").strip().splitlines()[0]
+
+
 def render() -> str:
-    out = ["Every key, its default and what it does, from the schema definitions in `src/chatlm/config/`.",
-           "Keys marked *does not change results* are left out of the run's config hash, of sweep job",
-           "directory names and of `chatlm runs compare`'s columns.", ""]
+    out = [
+        "Every key, its default and what it does, from the schema definitions in `src/chatlm/config/`.",
+        "Keys marked *does not change results* are left out of the run's config hash, of sweep job",
+        "directory names and of `chatlm runs compare`'s columns.",
+        "",
+    ]
     for stage, schema in STAGE_SCHEMAS.items():
-        out += [f"### `{stage}` (conf/{stage}.yaml)", "", schema.__doc__.strip().splitlines()[0], ""]
+        out += [f"### `{stage}` (conf/{stage}.yaml)", "", _summary(schema), ""]
         out += table(schema, skip_groups=True) + [""]
         groups = [f for f in dataclasses.fields(schema) if nested_schema(schema, f.name) is not None]
-        out += ["Groups: " + ", ".join(f"`{f.name}`" + ("" if affects_results(f) else " (does not change results)")
-                                       for f in groups), ""]
+        out += [
+            "Groups: "
+            + ", ".join(f"`{f.name}`" + ("" if affects_results(f) else " (does not change results)") for f in groups),
+            "",
+        ]
     for group, schema in GROUP_SCHEMAS.items():
-        out += [f"### group `{group}`", "", schema.__doc__.strip().splitlines()[0], ""] + table(schema) + [""]
-        for f in dataclasses.fields(schema):  # list-of-dataclass fields (data.sources)
-            hints = schema.__dataclass_fields__[f.name].type
-            if f.name == "sources" and "DataSourceConfig" in str(hints):
-                from chatlm.config.data import DataSourceConfig
-
-                out += [f"Each entry of `{group}.sources`:", ""] + table(DataSourceConfig) + [""]
+        out += [f"### group `{group}`", "", _summary(schema), ""] + table(schema) + [""]
+        if schema is DataConfig:  # a list of nested schemas
+            out += [f"Each entry of `{group}.sources`:", ""] + table(DataSourceConfig) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -75,10 +75,10 @@ def evaluate_bpb(
         sums = torch.stack([total_nats, total_bytes])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         total_nats, total_bytes = sums[0], sums[1]
-    nats, nbytes = total_nats.item(), total_bytes.item()
-    if nbytes <= 0:
+    nats_sum, bytes_sum = float(total_nats.item()), float(total_bytes.item())
+    if bytes_sum <= 0:
         return float("inf")
-    return nats / (math.log(2) * nbytes)
+    return nats_sum / (math.log(2) * bytes_sum)
 
 
 class ValidationBpb:

@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 from chatlm.runs.index import RunInfo
 
-# Top-level config keys that say where/how a run was launched, never what it computes.
-NOISE_PREFIXES = ("derived", "paths", "hydra", "logger", "cluster", "resume", "run_dir", "output_dir")
+# Recorded values, not config keys. Which config keys do not change results is declared on the
+# schema fields (chatlm.config.keys): those are listed apart, not as columns.
+NOT_CONFIG = ("derived", "hydra", "run_dir", "output_dir")
 _STAMP = re.compile(r"\d{4}-\d{2}-\d{2}|\d{2}-\d{2}-\d{2}")
 _HIGHER_IS_BETTER = ("acc", "core", "score", "reward", "win")
 
@@ -28,17 +29,24 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def _is_noise(key: str) -> bool:
-    return key.split(".", 1)[0] in NOISE_PREFIXES
+def _changes_results(key: str, stages: set) -> bool:
+    from chatlm.config import stage_schema
+    from chatlm.config.keys import is_result_key
+
+    return all(is_result_key(stage_schema(stage), key) for stage in stages)
 
 
-def differing_keys(runs: list[RunInfo]) -> list[str]:
-    """Flattened resolved-config keys whose values are not the same in every run (noise excluded).
+def differing_keys(runs: list[RunInfo], results: bool = True) -> list[str]:
+    """Flattened resolved-config keys whose values are not the same in every run: those that change
+    results (`results=False`: the others, e.g. hardware or paths, which compare lists apart).
 
     A key whose values all look like date/time stamps (a run name with its launch time) is noise too.
     """
     flats = [r.flat_config() for r in runs]
-    keys = sorted({k for f in flats for k in f if not _is_noise(k)})
+    stages = {r.stage for r in runs}
+    keys = sorted(
+        {k for f in flats for k in f if k.split(".", 1)[0] not in NOT_CONFIG and _changes_results(k, stages) == results}
+    )
     out = []
     for key in keys:
         values = [f.get(key, "<absent>") for f in flats]

@@ -153,7 +153,7 @@ def capture_rng_state() -> dict:
     """This process's RNG states (python `random`, numpy's global RNG, torch CPU and, when CUDA is in
     use, the current CUDA device) as tensors and numbers, ready for `torch.save`."""
     version, internal, gauss_next = random.getstate()
-    np_state = np.random.get_state(legacy=True)
+    np_state: tuple = np.random.get_state(legacy=True)  # type: ignore[assignment]  # a tuple when legacy=True
     state: dict[str, Any] = {
         "python": {
             "version": int(version),

@@ -301,9 +301,8 @@ def agree_on_stamp(info: RankInfo, timeout: timedelta = timedelta(minutes=5)) ->
     run_key = f"chatlm/stamp/{info.job_id or 'job'}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
     keep = None
     if info.launcher == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        store = tdist.TCPStore(
-            info.master_addr, int(info.master_port), info.world_size, is_master=False, timeout=timeout
-        )
+        assert info.master_addr is not None and info.master_port is not None  # torchrun exports both
+        store = tdist.TCPStore(info.master_addr, info.master_port, info.world_size, is_master=False, timeout=timeout)
     else:
         store = keep = _tcp_store(info, timeout)
     if info.rank == 0:

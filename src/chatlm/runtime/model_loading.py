@@ -81,7 +81,7 @@ def model_config_from_meta(meta: dict, where: str = "meta.json") -> ModelConfig:
             "(written by a newer chatlm?): upgrade chatlm"
         )
     hints = typing.get_type_hints(ModelConfig)
-    values = {}
+    values: dict[str, Any] = {}
     for name, value in saved.items():
         t = hints[name]
         values[name] = t(value) if isinstance(t, type) and issubclass(t, enum.Enum) else value
@@ -146,7 +146,7 @@ def tokenizer_candidates(step_dir: Path, meta: dict, tokenizer_dir: Optional[Pat
     if tokenizer_dir is not None:
         return [Path(tokenizer_dir).expanduser()]
     out = [run_dir_of(step_dir) / RUN_TOKENIZER_DIR]
-    record = meta.get("tokenizer") if isinstance(meta.get("tokenizer"), dict) else {}
+    record: dict = meta["tokenizer"] if isinstance(meta.get("tokenizer"), dict) else {}
     if record.get("path"):
         out.append(Path(record["path"]))
     legacy = _legacy_tokenizer_dir(step_dir) if not record else None

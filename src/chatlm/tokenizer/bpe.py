@@ -28,7 +28,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tiktoken
@@ -393,10 +393,9 @@ def compression_report(
     `tokenizer` may be ours or any `tiktoken.Encoding` (e.g. GPT-2's or GPT-4's, for comparison).
     Given a mapping name -> text, the report also has a `per_text` breakdown.
     """
-    if isinstance(tokenizer, Tokenizer):
-        encode = tokenizer.encode
-    else:
-        encode = tokenizer.encode_ordinary
+    encode: Callable[[str], list[int]] = (
+        tokenizer.encode if isinstance(tokenizer, Tokenizer) else tokenizer.encode_ordinary
+    )
     named = texts.items() if isinstance(texts, Mapping) else enumerate(texts)
     per_text = {}
     total_bytes = total_tokens = 0
@@ -409,7 +408,7 @@ def compression_report(
             "tokens": n_tokens,
             "bytes_per_token": n_bytes / n_tokens if n_tokens else 0.0,
         }
-    report = {
+    report: dict[str, Any] = {
         "texts": len(per_text),
         "bytes": total_bytes,
         "tokens": total_tokens,

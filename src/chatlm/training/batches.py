@@ -14,7 +14,8 @@ class RepeatBatches:
     wrapped loader's."""
 
     def __init__(self, loader: Any, n: int) -> None:
-        self.loader, self.n, self.batches, self.i = loader, n, [], 0
+        self.loader, self.n, self.i = loader, n, 0
+        self.batches: list[Any] = []
 
     def next_batch(self) -> Any:
         if len(self.batches) < self.n:
