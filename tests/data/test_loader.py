@@ -248,3 +248,65 @@ def test_continuing_picks_the_furthest_epoch_first(tok, shards):
     assert (stream.epoch, stream.position) == (2, None)
     stream.continue_after([state(1, None, 0), state(1, None, 0)])  # nobody read anything
     assert (stream.epoch, stream.position, stream.row_groups_read) == (1, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# read-ahead: the next row group is read and tokenized on a background thread
+
+
+class _ThreadRecordingTokenizer:
+    """The real tokenizer, recording which thread encodes each row group."""
+
+    def __init__(self, tok):
+        self.inner, self.threads = tok, []
+        self.bos_id = tok.bos_id
+
+    def encode(self, texts, prepend=None, num_threads=8):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        return self.inner.encode(texts, prepend=prepend, num_threads=num_threads)
+
+
+def _stream(files, tok, **kw):
+    from chatlm.data.loader import DocumentStream
+
+    return DocumentStream(files, tok, threads=1, **kw)
+
+
+def test_read_ahead_gives_the_same_documents_and_states(tok, tmp_path):
+    docs = [f"doc {i} " + "word " * (i % 7 + 1) for i in range(60)]
+    write_shards(docs, tmp_path, docs_per_row_group=5, row_groups_per_shard=3)
+    train, _ = list_shards(tmp_path)  # 3 train shards: an epoch is 9 row groups
+    plain, ahead = _stream(train, tok, read_ahead=False), _stream(train, tok, read_ahead=True)
+    for _ in range(25):  # across two epoch boundaries
+        a, b = plain.next_documents(), ahead.next_documents()
+        assert [d.tolist() for d in a] == [d.tolist() for d in b]
+        assert plain.state_dict() == ahead.state_dict()
+    assert ahead.epoch == 3 and ahead._pending is not None  # the 26th row group is in flight
+
+
+def test_read_ahead_runs_on_its_own_thread_and_resumes_exactly(tok, shards):
+    train, _, _ = shards
+    rec = _ThreadRecordingTokenizer(tok)
+    stream = _stream(train, rec)
+    first = stream.next_documents()
+    assert first is not None and rec.threads[0] == "MainThread"  # the first read has nothing to overlap
+    stream.next_documents()
+    stream.next_documents()
+    stream._pending.result()  # the fourth row group, read ahead while the third was handed out
+    assert all(t.startswith("chatlm-read-ahead") for t in rec.threads[1:]) and len(rec.threads) == 4
+    state = stream.state_dict()  # three row groups handed out; the fourth read ahead is not in it
+    expected = stream.next_documents()
+    again = _stream(train, tok)
+    again.load_state_dict(state)
+    assert [list(map(int, d)) for d in again.next_documents()] == [list(map(int, d)) for d in expected]
+
+
+def test_loading_a_state_drops_the_row_group_read_ahead(tok, shards):
+    train, _, _ = shards
+    stream = _stream(train, tok)
+    start = stream.state_dict()
+    head = [stream.next_documents() for _ in range(2)]  # the third is being read ahead
+    stream.load_state_dict(start)
+    assert [d.tolist() for d in stream.next_documents()] == [d.tolist() for d in head[0]]

@@ -21,7 +21,8 @@ packer, taking every refill from the stream that is furthest behind its share of
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -37,6 +38,7 @@ MIXTURE_STATE_VERSION = 1
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_READ_AHEAD: list[ThreadPoolExecutor] = []
 
 
 def _tokenizer_pool(threads: int) -> ThreadPoolExecutor:
@@ -46,12 +48,35 @@ def _tokenizer_pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
+def _read_ahead_pool() -> ThreadPoolExecutor:
+    """The process-wide threads that read and tokenize the next row group of each stream."""
+    if not _READ_AHEAD:
+        _READ_AHEAD.append(ThreadPoolExecutor(4, thread_name_prefix="chatlm-read-ahead"))
+    return _READ_AHEAD[0]
+
+
+@dataclass
+class _Read:
+    """One row group read ahead: its documents and where the stream stands after it."""
+
+    docs: Optional[list]
+    position: Optional[tuple[int, int]]
+    epoch: int
+    exhausted: bool = False
+
+
 class DocumentStream:
     """One source's tokenized row groups for one rank, with an exact, serializable position.
 
     `next_documents()` returns the next row group's documents (each an int32 array of ids starting
     with BOS), or None once a finite stream has read everything. An infinite stream starts over at the
     first file and counts an epoch.
+
+    Read-ahead (`read_ahead=True`, the default for infinite streams): while the caller packs one row
+    group, a background thread reads and tokenizes the next. Refills then cost the training loop
+    only the hand-over instead of a burst of tokenization every few steps (on a GPU, the host work
+    is hidden behind the queued device work). The position stays exact: the state is that of the
+    row groups handed out, and a read-ahead row group is read again after a resume.
     """
 
     def __init__(
@@ -64,6 +89,7 @@ class DocumentStream:
         threads: int = 4,
         infinite: bool = True,
         name: str = "",
+        read_ahead: Optional[bool] = None,
     ):
         if not files:
             raise DataError(f"the loader got no shard files{f' for source {name}' if name else ''}")
@@ -73,11 +99,16 @@ class DocumentStream:
         self.threads = threads
         self.infinite = infinite
         self.name = name
-        self.position: Optional[tuple[int, int]] = None  # last (file, row group) consumed
+        self.read_ahead = infinite if read_ahead is None else read_ahead
+        self.position: Optional[tuple[int, int]] = None  # last (file, row group) handed out
         self.epoch = 1
         self.row_groups_read = 0
         self.exhausted = False  # a finite stream has read everything
         self._row_groups: Optional[Iterator] = None
+        # the reader's own cursor, ahead of the committed position by the row group in flight
+        self._ahead_position: Optional[tuple[int, int]] = None
+        self._ahead_epoch = 1
+        self._pending: Optional[Future] = None
 
     def _encode(self, texts: list[str]) -> list:
         """The row group's documents as int32 arrays, BOS first (what `Tokenizer.encode(texts,
@@ -108,34 +139,55 @@ class DocumentStream:
             docs.append(doc)
         return docs
 
-    def next_documents(self) -> Optional[list]:
-        if self.exhausted:
-            return None
+    def _read_next(self) -> _Read:
+        """Read and tokenize the row group after the reader's cursor (on the read-ahead thread)."""
         while True:
             if self._row_groups is None:
-                self._row_groups = iter_row_groups(self.files, self.rank, self.world_size, start=self.position)
+                self._row_groups = iter_row_groups(self.files, self.rank, self.world_size, start=self._ahead_position)
             try:
                 texts, pos = next(self._row_groups)
             except StopIteration:
-                if self.position is None and not self.infinite:
-                    self.exhausted = True  # a finite split smaller than the world: this rank has none
-                    return None
-                if self.position is None:
+                if self._ahead_position is None and not self.infinite:
+                    return _Read(None, None, self._ahead_epoch, exhausted=True)  # a split smaller than the world
+                if self._ahead_position is None:
                     what = f"source {self.name!r} " if self.name else ""
                     raise DataError(
                         f"rank {self.rank} of {self.world_size} has no row groups to read in "
                         f"{what}{len(self.files)} shard(s): use fewer ranks or more data"
                     ) from None
                 if not self.infinite:
-                    self.exhausted = True
-                    return None
-                self.epoch += 1
-                self.position = None
+                    return _Read(None, self._ahead_position, self._ahead_epoch, exhausted=True)
+                self._ahead_epoch += 1
+                self._ahead_position = None
                 self._row_groups = None
                 continue
-            self.position = pos
-            self.row_groups_read += 1
-            return self._encode(texts)
+            self._ahead_position = pos
+            return _Read(self._encode(texts), pos, self._ahead_epoch)
+
+    def next_documents(self) -> Optional[list]:
+        if self.exhausted:
+            return None
+        read = self._pending.result() if self._pending is not None else self._read_next()
+        self._pending = None
+        if read.exhausted:
+            self.exhausted = True
+            return None
+        self.position, self.epoch = read.position, read.epoch
+        self.row_groups_read += 1
+        if self.read_ahead:
+            self._pending = _read_ahead_pool().submit(self._read_next)
+        return read.docs
+
+    def _restart_reader(self) -> None:
+        """Drop the read-ahead row group and point the reader back at the committed position."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - its error belongs to a read that will be made again
+                pass
+            self._pending = None
+        self._row_groups = None
+        self._ahead_position, self._ahead_epoch = self.position, self.epoch
 
     def state_dict(self) -> dict:
         return {
@@ -161,7 +213,7 @@ class DocumentStream:
         self.epoch = int(state["epoch"])
         self.row_groups_read = int(state["row_groups_read"])
         self.exhausted = False
-        self._row_groups = None
+        self._restart_reader()
 
     def continue_after(self, states: Sequence[dict]) -> None:
         """Continue the streams of another number of ranks (`states`: each old rank's
@@ -175,7 +227,7 @@ class DocumentStream:
         self.epoch, self.position = epoch, None if position == nowhere else position
         self.row_groups_read = sum(int(s["row_groups_read"]) for s in states) // self.world_size
         self.exhausted = False
-        self._row_groups = None
+        self._restart_reader()
 
 
 class _PackedLoader:
