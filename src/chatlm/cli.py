@@ -58,7 +58,7 @@ def _convert_nanochat(args: argparse.Namespace) -> int:
     from chatlm.model.nanochat_import import import_nanochat
 
     try:
-        path = import_nanochat(args.checkpoint_dir, args.out, step=args.step)
+        path = import_nanochat(args.checkpoint_dir, args.out, step=args.step, tokenizer_dir=args.tokenizer)
     except ChatlmError as e:
         print(f"chatlm convert nanochat: error: {e}", file=sys.stderr)
         return 2
@@ -606,6 +606,13 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("checkpoint_dir", help="nanochat checkpoint directory, e.g. ~/.cache/nanochat/base_checkpoints/d24")
     n.add_argument("out", help="output run directory; writes OUT/checkpoints/step_<N>/")
     n.add_argument("--step", type=int, default=None, help="step to convert (default: the latest)")
+    n.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        default=None,
+        help="a chatlm tokenizer directory with the same vocabulary, copied into OUT/tokenizer so "
+        "`load_model(OUT)` (and eval, chat, serve) need no tokenizer_dir",
+    )
     n.set_defaults(func=_convert_nanochat)
     return parser
 

@@ -259,3 +259,29 @@ def test_short_window_follows_nanochat(T):
     assert cfg.short_window is None  # derived, as nanochat derives it
     assert derive_dims(cfg).windows[0] == nanochat_window(T)
     assert {513: 256, 1025: 384, 2049: 640, 64: 128}.get(T, nanochat_window(T)) == nanochat_window(T)
+
+
+def test_converted_checkpoint_with_a_tokenizer_loads_through_load_model(tmp_path):
+    from chatlm.config import TokenizerConfig
+    from chatlm.runtime.model_loading import TokenizerMismatch, load_model
+    from chatlm.tokenizer import train_tokenizer
+    from tests.tokenizer.conftest import make_corpus
+
+    vocab = 300  # a real BPE has at least 256 bytes + 9 special tokens
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = GPT(ModelConfig(name="tiny", depth=2, aspect_ratio=32, head_dim=32, sequence_len=64), vocab)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    src = tmp_path / "d2"
+    write_nanochat(src, model, step=10, bf16_embeddings=False)
+    with pytest.raises(TokenizerMismatch, match="imported from nanochat.*pass tokenizer_dir="):
+        load_model(ni.import_nanochat(src, tmp_path / "bare"))
+    tok = train_tokenizer(make_corpus(300, seed=1), TokenizerConfig(name="t", vocab_size=vocab))
+    tok.save(tmp_path / "tok")
+    assert main(["convert", "nanochat", str(src), str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok")]) == 0
+    loaded, loaded_tok, meta = load_model(tmp_path / "out")
+    assert loaded_tok.fingerprint == tok.fingerprint and meta["tokenizer"]["sha256"] == tok.fingerprint
+    idx = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(loaded(idx), model(idx), atol=1e-5)

@@ -25,9 +25,10 @@ def register_configs() -> None:
         cs.store(name=f"{stage}_schema", node=schema)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=f"schema/{group}", name=group, node=schema)
-    from chatlm.hydra import launcher
+    from chatlm.hydra import launcher, sweeper
 
     launcher.register()  # hydra/launcher options chatlm_slurm, chatlm_local
+    sweeper.register()  # hydra/sweeper option chatlm_basic
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")

@@ -279,7 +279,9 @@ def convert_state_dict(state: dict, cfg: ModelConfig, where: str = "model") -> d
     return {k: out[k] for k in expected}  # chatlm's order
 
 
-def import_nanochat(ckpt_dir: PathLike, out_dir: PathLike, step: Optional[int] = None) -> Path:
+def import_nanochat(
+    ckpt_dir: PathLike, out_dir: PathLike, step: Optional[int] = None, tokenizer_dir: Optional[PathLike] = None
+) -> Path:
     """Convert a nanochat checkpoint directory into a chatlm checkpoint under `out_dir`.
 
     Returns the written step directory (`out_dir/checkpoints/step_<N>`). Tensors keep their dtypes
@@ -307,6 +309,24 @@ def import_nanochat(ckpt_dir: PathLike, out_dir: PathLike, step: Optional[int] =
     for key in ("val_bpb",):
         if key in meta:
             out_meta[f"source_{key}"] = meta[key]
+    if tokenizer_dir is not None:
+        _attach_tokenizer(Path(tokenizer_dir), Path(out_dir), cfg, out_meta)
     return save_checkpoint(
         out_dir, step, model_state=model_state, optim_state={}, loader_states=[{}], rng_states=[{}], meta=out_meta
     )
+
+
+def _attach_tokenizer(tokenizer_dir: Path, out_dir: Path, cfg: ModelConfig, meta: dict) -> None:
+    """Copy a chatlm tokenizer with the checkpoint's vocabulary into `<out>/tokenizer` and record it,
+    so `load_model(out)` needs no tokenizer_dir."""
+    from chatlm.runtime.model_loading import RUN_TOKENIZER_DIR, tokenizer_record
+    from chatlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer_dir)
+    if tok.vocab_size != cfg.vocab_size:
+        raise NanochatImportError(
+            f"{tokenizer_dir}: tokenizer {tok.name!r} has {tok.vocab_size} ids but the "
+            f"checkpoint's vocab_size is {cfg.vocab_size}"
+        )
+    tok.save(out_dir / RUN_TOKENIZER_DIR)
+    meta["tokenizer"] = tokenizer_record(tok, tokenizer_dir)

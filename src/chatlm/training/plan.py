@@ -109,6 +109,27 @@ def describe_plan(plan: Plan) -> list[str]:
         f"{plan.params['total']:,} params ({plan.scaling_params:,} scaling) | {plan.flops_per_token:.3g} FLOPs/token",
         f"batch {plan.total_batch_size:,} tokens/step (LR x{plan.batch_lr_scale:.3f}, Muon WD "
         f"{plan.muon_weight_decay:.4f}) = {plan.device_batch_size} x {T} x {plan.world_size} ranks x "
-        f"{plan.grad_accum} accumulation | {plan.num_iterations} steps | {plan.total_tokens:,} tokens "
+        f"{plan.grad_accum} accumulation | {plan.num_iterations:,} steps | {plan.total_tokens:,} tokens "
         f"({plan.tokens_per_param:.1f} tokens/param) | {plan.total_flops:.3g} FLOPs",
     ]
+
+
+def effective_config(resolved: dict, cfg: Any) -> dict:
+    """The resolved config with the model's window settings replaced by the windows they derive
+    (`SSSL` on a 2-layer model is `SL`): two sweep points with the same effective config train the
+    same model on the same data. Configs without a model are returned as they are."""
+    from chatlm.model.sizing import derive_dims
+
+    model = getattr(cfg, "model", None)
+    if model is None:
+        return resolved
+    vocab = model.vocab_size or getattr(getattr(cfg, "tokenizer", None), "vocab_size", None) or 256
+    dims = derive_dims(model, vocab)
+    out = dict(resolved)
+    out["model"] = {
+        k: v
+        for k, v in dict(resolved.get("model") or {}).items()
+        if k not in ("window_pattern", "short_window", "short_window_divisor", "window_round", "backout_layer")
+    }
+    out["model"].update(windows=list(dims.windows), backout_layer=dims.backout_layer)
+    return out

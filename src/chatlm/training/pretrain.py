@@ -14,6 +14,9 @@ time limits) and Ctrl-C write a checkpoint at the end of the current step and st
 from __future__ import annotations
 
 import logging
+import math
+import shlex
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -32,11 +35,12 @@ from chatlm.runtime.metric_logger import MetricLogger
 from chatlm.runtime.model_loading import load_weights, tokenizer_record
 from chatlm.runtime.profile import StepProfiler
 from chatlm.runtime.rundir import Run, config_hash, resume_hint
+from chatlm.runtime.sinks import format_duration
 from chatlm.tokenizer import Tokenizer, tokenizer_dir
 from chatlm.training.batches import RepeatBatches
 from chatlm.training.build import PretrainSchedule, build_training_model, build_training_optimizer
 from chatlm.training.checkpointing import CheckpointHook, restore
-from chatlm.training.hooks import GCHook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
+from chatlm.training.hooks import GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
 from chatlm.training.plan import Plan, describe_plan, plan_run
 from chatlm.training.trainer import Trainer
 
@@ -100,6 +104,36 @@ def _val_bpb(cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list, plan: 
     return plain_bpb
 
 
+class RunSummary(Hook):
+    """At the end of a run (main rank): what it achieved, where it is, and what to run next."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.t0 = time.time()
+
+    def on_end(self, trainer: Any, final: dict) -> None:
+        if not self.run.is_main:
+            return
+        d = shlex.quote(str(self.run.path))
+        log.info(
+            "done: %d steps, %s tokens in %s | train loss %.4f | val bpb %.4f (best %.4f)\n  run directory: %s\n"
+            "next:\n  chatlm runs show %s\n  chatlm runs plot %s --metric val_bpb --out val_bpb.png\n"
+            "  python -m chatlm.eval ckpt=%s\n  python -m chatlm.train <same overrides> init_from=%s   "
+            "(start a new run from these weights)",
+            final["steps"],
+            f"{final['tokens']:,}",
+            format_duration(time.time() - self.t0),
+            final["train_loss"],
+            final.get("val_bpb", math.nan),
+            final.get("min_val_bpb", math.nan),
+            self.run.path,
+            d,
+            d,
+            d,
+            d,
+        )
+
+
 class SampleWriter:
     """nanochat's samples: 7 fixed prompts, greedy, 16 tokens, into samples/step_<N>.txt (main rank)."""
 
@@ -140,6 +174,13 @@ def _plan(cfg: TrainConfig, run: Run, tok: Tokenizer) -> Plan:
         log.info("%s", line)
     if run.is_main:
         _log_estimate(cfg, run, plan)
+    if cfg.schedule.warmup_steps >= plan.num_iterations:
+        log.warning(
+            "schedule.warmup_steps=%d is not shorter than the run's %d steps: the learning rate never reaches "
+            "its peak (set schedule.warmup_steps lower)",
+            cfg.schedule.warmup_steps,
+            plan.num_iterations,
+        )
     return plan
 
 
@@ -191,6 +232,7 @@ def _hooks(
         ),
         ProfilerHook(profiler),
         StopHook(checkpoint, cfg.stop_at_step, resume_hint(run)),
+        RunSummary(run),
     ]
 
 
