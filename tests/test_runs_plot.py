@@ -206,3 +206,33 @@ def test_resumed_step_logged_twice_is_drawn_once(tmp_path):
     run.finish("completed")
     (s,) = plot_runs([load_run(run.path)], ["loss"], "step", tmp_path / "r.png")
     assert s.x == (1.0, 2.0, 3.0, 4.0) and s.y == (5.0, 4.9, 4.6, 4.5) and s.label == "plot"
+
+
+def test_long_legends_stay_inside_the_figure():
+    from pathlib import Path
+
+    from chatlm.runs.plot import Series, build_figure
+
+    # runs of different kinds: every label carries many differing keys (about 190 characters)
+    labels = [
+        f"stage={k} model.depth={d} optim.matrix_lr=0.0{d} schedule.kind=warmdown seed={d} "
+        f"data.sources.0.path=/a/long/path/to/shards/{k}{d} tokenizer.name=bpe32k mixture=offline "
+        f"hardware.device_batch_size={8 * d} run_name={k}_{d}"
+        for k in ("train", "sft")
+        for d in range(1, 5)
+    ]
+    series = [
+        Series("val_bpb", label, Path(label), (0.0, 1.0, 2.0), (3.0, 2.0, 1.5 + i / 10))
+        for i, label in enumerate(labels)
+    ]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = build_figure(series, ["val_bpb"], "tokens")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (leg,) = fig.legends
+    box, legend = fig.bbox, leg.get_window_extent(renderer)
+    assert len(leg.get_texts()) == 8
+    assert box.x0 - 1 <= legend.x0 and legend.x1 <= box.x1 + 1, (box, legend)
+    assert box.y0 - 1 <= legend.y0 and legend.y1 <= box.y1 + 1, (box, legend)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stop the cluster launch/slurm/up.sh started: only the daemons named in its pid files.
-#   sudo bash launch/slurm/down.sh [BASE]      # default BASE=/tmp/chatlm-slurm
+#   bash launch/slurm/down.sh [BASE]      # as root; default BASE=/tmp/chatlm-slurm
 BASE=${1:-/tmp/chatlm-slurm}
 stop() {  # stop PIDFILE...: SIGTERM together, wait up to 15 s, then SIGKILL what is left
   local pids=() f pid alive

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Start a throw-away Slurm cluster on this machine, for development and for the test suite.
 #
-#   sudo bash launch/slurm/up.sh [BASE]      # default BASE=/tmp/chatlm-slurm
-#   ... sbatch / srun / python -m chatlm.train -m ... hydra/launcher=slurm_local ...
-#   sudo bash launch/slurm/down.sh [BASE]
+#   bash launch/slurm/up.sh [BASE]      # as root; default BASE=/tmp/chatlm-slurm
+#   ... sbatch / srun / python -m chatlm.train cluster=slurm_cpu debug=smoke ...
+#   bash launch/slurm/down.sh [BASE]
 #
 # What you get: Debian's Slurm (slurmctld + one slurmd per virtual node, all on 127.0.0.1),
 # munge for authentication, and MariaDB + slurmdbd for accounting. Accounting is not optional:

@@ -510,7 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = runs_sub.add_parser("ls", help="table of the runs found (recursively) under PATHs")
     ls.add_argument("paths", nargs="*", metavar="PATH", help="default: $CHATLM_OUTPUT_ROOT or outputs/")
     ls.add_argument("--stage", help="only runs of this stage (train, check, ...)")
-    ls.add_argument("--status", help="only runs with this status (running, completed, failed, preempted, running?)")
+    ls.add_argument(
+        "--status", help="only runs with this status (running, completed, failed, preempted, interrupted, running?)"
+    )
     ls.add_argument("--since", help="started since a date (2026-11-24, 2026-11-24T10:00) or a span ago (2h, 3d)")
     ls.add_argument(
         "--where",

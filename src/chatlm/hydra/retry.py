@@ -1,6 +1,6 @@
 """`chatlm runs retry SWEEP_DIR`: run a sweep's failed or missing points again, in place.
 
-Which points: a point is done when its run.json says `completed`; `failed` and `preempted` points
+Which points: a point is done when its run.json says `completed`; `failed`, `preempted` and `interrupted` points
 and points that never got a run directory are retried; `running` ones are left alone (they may
 still be running; if they died, `chatlm runs show` says so and `--include-running` takes them).
 
@@ -32,7 +32,7 @@ from chatlm.errors import ChatlmError
 from chatlm.runs.summary import job_dirs_by_num, read_sweep_record
 from chatlm.runtime.rundir import read_json
 
-RETRY_STATUSES = ("failed", "preempted", "missing")
+RETRY_STATUSES = ("failed", "preempted", "interrupted", "missing")
 
 
 class RetryError(ChatlmError):
@@ -44,7 +44,7 @@ class Point:
     num: int
     overrides: list[str]
     run_dir: Path
-    status: str  # completed | failed | preempted | running | missing
+    status: str  # completed | failed | preempted | interrupted | running | missing
     has_checkpoint: bool = False
 
 
@@ -185,7 +185,7 @@ def plan_retry(
     sweep_dir: Path, *, failed_only: bool = False, include_running: bool = False, jobs: Optional[list[int]] = None
 ) -> RetryPlan:
     plan = read_sweep(sweep_dir)
-    wanted = ("failed", "preempted") if failed_only else RETRY_STATUSES
+    wanted = ("failed", "preempted", "interrupted") if failed_only else RETRY_STATUSES
     for p in plan.points:
         if jobs is not None:
             if p.num in jobs:

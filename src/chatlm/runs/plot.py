@@ -185,6 +185,23 @@ def draw(
     smooth_n: int = 1,
 ) -> Path:
     """One panel per metric (side by side), one line per run, saved as a PNG of exactly `size` pixels."""
+    fig = build_figure(series, metrics, x_axis, logy=logy, size=size, smooth_n=smooth_n)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=DPI)
+    return out
+
+
+def build_figure(
+    series: list[Series],
+    metrics: list[str],
+    x_axis: str,
+    *,
+    logy: bool = False,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    smooth_n: int = 1,
+) -> Any:
+    """The matplotlib Figure `draw` saves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,11 +220,27 @@ def draw(
         if logy:
             _log_y(ax)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png", dpi=DPI)
-    return out
+    _figure_legend(fig, axes)
+    return fig
+
+
+def _figure_legend(fig: Any, axes: Any) -> None:
+    """One legend for all panels, outside on the right, each label wrapped: runs of different kinds
+    label themselves with many differing keys, and a one-line label of 200 characters is wider than
+    the figure (the constrained layout shrinks the panels to make room)."""
+    import textwrap
+
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if not entries:
+        return
+    labels = [textwrap.fill(label, 48, break_long_words=False, break_on_hyphens=False) for label in entries]
+    lines = sum(label.count("\n") + 1 for label in labels) + len(labels)  # + the spacing between entries
+    height_pt = fig.get_figheight() * 72 * 0.9
+    size = max(3.0, min(8.0, height_pt / (1.25 * lines)))  # points: the whole legend fits the figure's height
+    fig.legend(list(entries.values()), labels, loc="outside right upper", frameon=False, fontsize=size)
 
 
 def plot_runs(
