@@ -61,6 +61,47 @@ def run_stage(tmp_path):
     return _run
 
 
+SMOKE = ["debug=smoke", "eval_tokens=1024"]  # the smallest real training run, for stage tests
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One tokenizer/data cache per test module, so its runs share the prepared shards."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(tmp_path, cache):
+    """Environment for a stage subprocess run in tmp_path with the module's cache."""
+    return stage_env(tmp_path, CHATLM_CACHE_DIR=str(cache))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss; for steps logged twice (a re-done step after a kill) the last wins."""
+    from chatlm.runtime.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def smoke_train_run(tmp_path_factory):
+    """One 5-step smoke pretraining run of today's code, shared by the tests that only read it:
+    (run dir, env, root)."""
+    root = tmp_path_factory.mktemp("smoke_train")
+    env = stage_env(root)
+    return train_once(root, env, *SMOKE), env, root
+
+
+def train_once(cwd: Path, env: dict, *args: str, timeout: int = 300) -> Path:
+    """Run `python -m chatlm.train ARGS` in cwd; it must succeed and write the only train run there."""
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = run_dirs(cwd / "outputs", "train")
+    return run
+
+
 def run_dirs(root: Path, stage: str) -> list[Path]:
     """Run directories (those holding run.json) under <root>/<stage>/<date>/."""
     return sorted(p.parent for p in (root / stage).glob("*/*/run.json"))

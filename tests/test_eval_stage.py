@@ -16,21 +16,15 @@ from tests.conftest import load_record, run_dirs, stage_env
 from tests.test_model_loading import LEGACY, legacy_copy
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaltrain")
-    env = stage_env(root)
-    r = subprocess.run(
-        [sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = run_dirs(root / "outputs", "train")
-    return run, env, root
+@pytest.fixture
+def trained(smoke_train_run, tmp_path):
+    """A copy of the shared smoke run (the eval writes into the evaluated run's evals/)."""
+    import shutil
+
+    run, env, root = smoke_train_run
+    copy = tmp_path / "outputs" / "train" / "2026-01-01" / run.name
+    shutil.copytree(run, copy, symlinks=True)
+    return copy, stage_env(tmp_path, CHATLM_CACHE_DIR=env["CHATLM_CACHE_DIR"]), tmp_path
 
 
 def run_eval(root, env, *args, timeout=300):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,26 +20,14 @@ from chatlm.runtime.model_loading import (
 )
 from chatlm.runtime.rundir import config_hash
 from chatlm.tokenizer import Tokenizer
-from tests.conftest import load_record, run_dirs, stage_env
+from tests.conftest import load_record, stage_env, train_once
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_902ac35"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 5-step smoke run of today's code: (run dir, env)."""
-    root = tmp_path_factory.mktemp("trained")
-    env = stage_env(root)
-    r = subprocess.run(
-        [sys.executable, "-m", "chatlm.train", "debug=smoke", "eval_tokens=1024"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = run_dirs(root / "outputs", "train")
+@pytest.fixture
+def trained(smoke_train_run):
+    run, env, _ = smoke_train_run
     return run, env
 
 
@@ -172,16 +158,7 @@ def test_training_continues_a_legacy_checkpoint(tmp_path):
         "eval_tokens=256",
         f"resume={LEGACY / 'run' / 'checkpoints' / 'step_000002'}",
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "chatlm.train", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    (run,) = run_dirs(tmp_path / "outputs", "train")
+    run = train_once(tmp_path, env, *args)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [row["step"] for row in rows if "loss" in row]
     assert steps == [3, 4] and all(0 < row["loss"] < 10 for row in rows if "loss" in row)

@@ -11,24 +11,7 @@ import time
 
 import pytest
 
-from chatlm.runtime.metrics import read_metrics
-from tests.conftest import load_record, run_dirs, stage_env
-
-SMOKE = ["debug=smoke", "eval_tokens=1024"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def env(tmp_path, cache):
-    return stage_env(tmp_path, CHATLM_CACHE_DIR=str(cache))
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+from tests.conftest import SMOKE, load_record, losses, run_dirs
 
 
 @pytest.mark.parametrize("args, preset", [(["hardware=h100x1"], "h100x1"), (["experiment=speedrun"], "h100x8")])

@@ -16,24 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatlm.runtime.metrics import read_metrics
-from tests.conftest import load_record, run_dirs, stage_env
-
-SMOKE = ["debug=smoke", "eval_tokens=1024"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def env(tmp_path, cache):
-    return stage_env(tmp_path, CHATLM_CACHE_DIR=str(cache))
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss; for steps logged twice (a re-done step after a kill) the last wins."""
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+from tests.conftest import SMOKE, load_record, losses, run_dirs
 
 
 def train(run_stage, env, *args, timeout=300):

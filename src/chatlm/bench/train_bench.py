@@ -23,10 +23,9 @@ import torch
 from chatlm.bench.timing import matmul_ceiling, median
 from chatlm.config import BenchConfig
 from chatlm.model.sizing import derive_dims
-from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime.flops import mfu, peak_flops
 from chatlm.training.batches import SyntheticBatches
-from chatlm.training.build import PretrainSchedule, build_training_model, build_training_optimizer
+from chatlm.training.build import build_training_model, pretrain_trainer
 from chatlm.training.plan import plan_run
 from chatlm.training.trainer import Trainer
 
@@ -55,21 +54,9 @@ def _batches(cfg: BenchConfig, run: Any, plan: Any, tok: Any, shard_dirs: list) 
     ctx = run.ctx
     if tok is None:
         return SyntheticBatches(plan.vocab_size, plan.device_batch_size, plan.seq_len, ctx.device, cfg.seed + ctx.rank)
-    from chatlm.data.loader import make_loader
-    from chatlm.data.shards import list_shards
+    from chatlm.data.loader import rank_loader, train_sets
 
-    splits = [list_shards(d) for d in shard_dirs]
-    return make_loader(
-        [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
-        tok,
-        plan.device_batch_size,
-        plan.seq_len,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        device=ctx.device,
-        buffer_size=cfg.data.doc_buffer,
-        threads=cfg.data.tokenizer_threads,
-    )
+    return rank_loader(train_sets(shard_dirs, cfg.data), tok, plan.device_batch_size, plan.seq_len, ctx, cfg.data)
 
 
 def _trainer(cfg: BenchConfig, run: Any) -> tuple[Trainer, Any, Any]:
@@ -84,19 +71,7 @@ def _trainer(cfg: BenchConfig, run: Any) -> tuple[Trainer, Any, Any]:
     vocab_size = tok.vocab_size if tok is not None else cfg.model.vocab_size or cfg.tokenizer.vocab_size
     plan = plan_run(cfg, vocab_size, ctx.world_size)
     built = build_training_model(cfg.model, vocab_size, policy, ctx.device)
-    optimizer = build_training_optimizer(built.model, cfg.optim, plan, policy)
-    trainer = Trainer(
-        model=built.model,
-        train_model=built.train_model,
-        optimizer=optimizer,
-        batches=_batches(cfg, run, plan, tok, shard_dirs),
-        total_steps=plan.num_iterations,
-        grad_accum=plan.grad_accum,
-        tokens_per_step=plan.total_batch_size,
-        ctx=ctx,
-        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
-        scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
-    )
+    trainer = pretrain_trainer(cfg, built, plan, _batches(cfg, run, plan, tok, shard_dirs), ctx, policy)
     log.info(
         "bench d%d (%s): %d x %d x %d ranks x %d accumulation = %s tokens/step | backend %s | %s%s | "
         "compile %s | %d steps, %d warm-up",

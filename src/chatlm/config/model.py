@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from chatlm.config.fields import setting
 from chatlm.errors import ConfigError
@@ -40,6 +40,25 @@ def default_short_window(sequence_len: int, divisor: int, round_to: int) -> int:
     the RoPE table, 10 x T). FLOP accounting counts min(window, T).
     """
     return -(-sequence_len // (divisor * round_to)) * round_to
+
+
+POSITIVE_FIELDS = (
+    "depth",
+    "aspect_ratio",
+    "head_dim",
+    "sequence_len",
+    "vocab_pad_multiple",
+    "short_window_divisor",
+    "window_round",
+    "rope_table_factor",
+)
+
+
+def check_positive_fields(cfg: Any) -> None:
+    """Refuse a ModelConfig (or one edited after construction) with a size field below 1."""
+    for key in POSITIVE_FIELDS:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(cfg, key)}")
 
 
 @dataclass
@@ -105,18 +124,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        for key in (
-            "depth",
-            "aspect_ratio",
-            "head_dim",
-            "sequence_len",
-            "vocab_pad_multiple",
-            "short_window_divisor",
-            "window_round",
-            "rope_table_factor",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        check_positive_fields(self)
         pattern = self.window_pattern.upper()
         if not pattern or set(pattern) - {"S", "L"}:
             raise ConfigError(

@@ -637,3 +637,42 @@ def make_loader(
     if len(shard_sets) == 1:
         return PretrainLoader(shard_sets[0][0], tokenizer, batch_size, seq_len, **kw)
     return MixtureLoader(shard_sets, tokenizer, batch_size, seq_len, **kw)
+
+
+def rank_loader(
+    shard_sets: Sequence[tuple[Sequence[Path], float]],
+    tokenizer: Any,
+    batch_size: int,
+    seq_len: int,
+    ctx: Any,
+    data: Any,
+    **kw: Any,
+) -> PretrainLoader | MixtureLoader:
+    """`make_loader` for one rank (`ctx`: its rank, world size and device) with the data group's
+    document buffer and tokenizer threads (`data`: a DataConfig). `kw`: infinite, pad_last, state."""
+    return make_loader(
+        shard_sets,
+        tokenizer,
+        batch_size,
+        seq_len,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        device=ctx.device,
+        buffer_size=data.doc_buffer,
+        threads=data.tokenizer_threads,
+        **kw,
+    )
+
+
+def train_sets(shard_dirs: Sequence[Path], data: Any) -> list[tuple[list[Path], float]]:
+    """(train shard files, weight) of every source: each directory's shards but the last (validation)."""
+    from chatlm.data.shards import list_shards
+
+    return [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, data.sources)]
+
+
+def val_sets(shard_dirs: Sequence[Path], data: Any) -> list[tuple[Path, float]]:
+    """(validation shard, weight) of every source: each directory's last shard."""
+    from chatlm.data.shards import list_shards
+
+    return [(list_shards(d)[1], s.weight) for d, s in zip(shard_dirs, data.sources)]

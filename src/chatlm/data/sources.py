@@ -349,3 +349,14 @@ def _prepare_remote(
             f"{shard_name(shard_set.val_index)}; remove stray shard files from {out}"
         )
     return _validated(out, how)
+
+
+def prepare_sources(data_cfg: Any, paths_cfg: Any, ctx: Any) -> list[Path]:
+    """The shard directory of every source of a DataConfig, built or downloaded by the main rank
+    while the other ranks wait (`ctx`: the rank's DistContext)."""
+    dirs = []
+    for source in data_cfg.sources:
+        dirs.append(prepare_source(source, paths_cfg, rank_is_main=ctx.is_main, wait_for=ctx.barrier))
+        if ctx.is_main:
+            ctx.barrier()  # the other ranks wait in prepare_source until the main rank is done
+    return dirs

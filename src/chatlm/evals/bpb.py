@@ -101,19 +101,16 @@ class ValidationBpb:
         self.tokens_scored = 0  # this rank's tokens in the last call
 
     def __call__(self, model: torch.nn.Module) -> float:
-        from chatlm.data.loader import make_loader
+        from chatlm.data.loader import rank_loader
 
         ctx = self.ctx
-        val = make_loader(
+        val = rank_loader(
             [([f], w) for f, w in self.val_files],
             self.tok,
             self.B,
             self.T,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            device=ctx.device,
-            buffer_size=self.data.doc_buffer,
-            threads=self.data.tokenizer_threads,
+            ctx,
+            self.data,
             infinite=False,
             pad_last=True,
         )

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from chatlm.data.shards import list_shards
+from chatlm.data.loader import val_sets
+from chatlm.data.sources import prepare_sources
 from chatlm.evals.bpb import ValidationBpb
 from chatlm.runtime.model_loading import LoadedModel, load_model, run_dir_of
 from chatlm.runtime.rundir import atomic_write_text, now_iso
@@ -25,9 +26,7 @@ log = logging.getLogger("chatlm")
 
 
 def _val_files(cfg: Any, run: Any) -> list:
-    from chatlm.training.pretrain import data_dirs
-
-    return [(list_shards(d)[1], s.weight) for d, s in zip(data_dirs(cfg, run), cfg.data.sources)]
+    return val_sets(prepare_sources(cfg.data, cfg.paths, run.ctx), cfg.data)
 
 
 def score_bpb(cfg: Any, run: Any, loaded: LoadedModel) -> dict:

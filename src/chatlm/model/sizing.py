@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from chatlm.config import ConfigError, ModelConfig
-from chatlm.config.model import default_short_window
+from chatlm.config.model import check_positive_fields, default_short_window
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -100,18 +100,7 @@ def derive_dims(cfg: ModelConfig, vocab_size: Optional[int] = None) -> ModelDims
     vocab = vocab_size if vocab_size is not None else cfg.vocab_size
     if vocab is None or vocab < 1:
         raise ConfigError("model.vocab_size", f"needs a positive vocabulary size (from the tokenizer), got {vocab}")
-    for key in (
-        "depth",
-        "aspect_ratio",
-        "head_dim",
-        "sequence_len",
-        "vocab_pad_multiple",
-        "short_window_divisor",
-        "window_round",
-        "rope_table_factor",
-    ):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"model.{key}", f"must be >= 1, got {getattr(cfg, key)}")
+    check_positive_fields(cfg)
     if cfg.head_dim % 2:
         raise ConfigError("model.head_dim", f"must be even (RoPE rotates channel halves), got {cfg.head_dim}")
 

@@ -11,7 +11,8 @@ import torch
 
 from chatlm.config import ModelConfig, OptimConfig, ScheduleConfig
 from chatlm.optim import build_optimizer, lr_multiplier_from_config, muon_momentum, muon_weight_decay
-from chatlm.training.trainer import Hyperparameters
+from chatlm.optim.loss_scale import LossScaler
+from chatlm.training.trainer import Hyperparameters, Trainer
 
 
 @dataclass
@@ -71,3 +72,20 @@ class PretrainSchedule:
             ),
             muon_weight_decay(step, total, self.wd),
         )
+
+
+def pretrain_trainer(cfg: Any, built: TrainingModel, plan: Any, batches: Any, ctx: Any, policy: Any) -> Trainer:
+    """The pretraining Trainer (its optimizer, schedule and loss scaler) over `batches`: what
+    `chatlm.train` runs and `chatlm.bench` times."""
+    return Trainer(
+        model=built.model,
+        train_model=built.train_model,
+        optimizer=build_training_optimizer(built.model, cfg.optim, plan, policy),
+        batches=batches,
+        total_steps=plan.num_iterations,
+        grad_accum=plan.grad_accum,
+        tokens_per_step=plan.total_batch_size,
+        ctx=ctx,
+        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
+        scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
+    )

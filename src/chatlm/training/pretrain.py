@@ -24,11 +24,9 @@ from typing import Any, Optional
 import torch
 
 from chatlm.config import ConfigError, TrainConfig
-from chatlm.data.loader import make_loader
-from chatlm.data.shards import list_shards
-from chatlm.data.sources import prepare_source
+from chatlm.data.loader import rank_loader, train_sets, val_sets
+from chatlm.data.sources import prepare_sources
 from chatlm.model.fp8 import fp8_disabled
-from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime import checkpoint as ckpt
 from chatlm.runtime.flops import peak_flops
 from chatlm.runtime.metric_logger import MetricLogger
@@ -38,11 +36,10 @@ from chatlm.runtime.rundir import Run, config_hash, resume_hint
 from chatlm.runtime.sinks import format_duration
 from chatlm.tokenizer import Tokenizer, tokenizer_dir
 from chatlm.training.batches import RepeatBatches
-from chatlm.training.build import PretrainSchedule, build_training_model, build_training_optimizer
+from chatlm.training.build import build_training_model, pretrain_trainer
 from chatlm.training.checkpointing import CheckpointHook, restore
 from chatlm.training.hooks import GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
 from chatlm.training.plan import Plan, describe_plan, plan_run
-from chatlm.training.trainer import Trainer
 
 log = logging.getLogger("chatlm")
 
@@ -52,14 +49,8 @@ log = logging.getLogger("chatlm")
 
 
 def data_dirs(cfg: Any, run: Run) -> list[Path]:
-    """The shard directory of every data source, built or downloaded by the main rank first."""
-    ctx = run.ctx
-    dirs = []
-    for source in cfg.data.sources:
-        dirs.append(prepare_source(source, cfg.paths, rank_is_main=ctx.is_main, wait_for=ctx.barrier))
-        if ctx.is_main:
-            ctx.barrier()  # the other ranks wait in prepare_source until the main rank is done
-    return dirs
+    """The shard directory of every data source (chatlm.data.sources.prepare_sources)."""
+    return prepare_sources(cfg.data, cfg.paths, run.ctx)
 
 
 def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Tokenizer:
@@ -77,7 +68,7 @@ def load_or_train_tokenizer(cfg: Any, run: Run, shard_dirs: list[Path]) -> Token
                 cfg.tokenizer.name,
                 cfg.tokenizer.vocab_size,
             )
-            sets = [(list_shards(d)[0], s.weight) for d, s in zip(shard_dirs, cfg.data.sources)]
+            sets = train_sets(shard_dirs, cfg.data)
             tok = train_with_progress(training_texts(sets, cfg.tokenizer.max_chars), cfg.tokenizer)
             tok.save(path)
         ctx.barrier()
@@ -196,12 +187,12 @@ def _log_estimate(cfg: TrainConfig, run: Run, plan: Plan) -> None:
 
 
 def _hooks(
-    cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any, splits: list, resumed_at: Optional[int]
+    cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any, shard_dirs: list, resumed_at: Optional[int]
 ) -> list:
     """The pretraining hooks, in the order the trainer calls them (see chatlm.training.hooks)."""
     ctx = run.ctx
     metrics = MetricLogger(run, cfg.logger, total_steps=plan.num_iterations, resume_step=resumed_at)
-    val_files = [(val, s.weight) for (_, val), s in zip(splits, cfg.data.sources)]
+    val_files = val_sets(shard_dirs, cfg.data)
     meta = {
         "config_hash": config_hash(run.resolved),
         "model_config": asdict(cfg.model),
@@ -240,7 +231,6 @@ def pretrain(cfg: TrainConfig, run: Run) -> dict:
     ctx, policy = run.ctx, run.policy
     shard_dirs = data_dirs(cfg, run)
     tok = load_or_train_tokenizer(cfg, run, shard_dirs)
-    splits = [list_shards(d) for d in shard_dirs]  # (train files, val file) per source
     plan = _plan(cfg, run, tok)
     built = build_training_model(cfg.model, tok.vocab_size, policy, ctx.device)
     log.info(
@@ -252,32 +242,12 @@ def pretrain(cfg: TrainConfig, run: Run) -> dict:
         built.fp8_linears,
     )
     run.record_derived(attention_backend=built.backend, fp8_linears=built.fp8_linears)
-    optimizer = build_training_optimizer(built.model, cfg.optim, plan, policy)
-    batches: Any = make_loader(
-        [(train, s.weight) for (train, _), s in zip(splits, cfg.data.sources)],
-        tok,
-        plan.device_batch_size,
-        plan.seq_len,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        device=ctx.device,
-        buffer_size=cfg.data.doc_buffer,
-        threads=cfg.data.tokenizer_threads,
+    batches: Any = rank_loader(
+        train_sets(shard_dirs, cfg.data), tok, plan.device_batch_size, plan.seq_len, ctx, cfg.data
     )
     if cfg.overfit_batches > 0:
         batches = RepeatBatches(batches, cfg.overfit_batches)
-    trainer = Trainer(
-        model=built.model,
-        train_model=built.train_model,
-        optimizer=optimizer,
-        batches=batches,
-        total_steps=plan.num_iterations,
-        grad_accum=plan.grad_accum,
-        tokens_per_step=plan.total_batch_size,
-        ctx=ctx,
-        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
-        scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
-    )
+    trainer = pretrain_trainer(cfg, built, plan, batches, ctx, policy)
     found = _resume_source(cfg, run)
     if found is not None:
         restore(trainer, found, model_cfg=cfg.model, tokenizer=tok)
@@ -285,7 +255,7 @@ def pretrain(cfg: TrainConfig, run: Run) -> dict:
         meta = load_weights(built.model, cfg.init_from, model_cfg=cfg.model, tokenizer=tok, map_location=ctx.device)
         log.info("initialized weights from %s", meta["checkpoint"])
     resumed_at = trainer.state.step if found is not None else None
-    trainer.hooks = _hooks(cfg, run, tok, plan, built, splits, resumed_at)
+    trainer.hooks = _hooks(cfg, run, tok, plan, built, shard_dirs, resumed_at)
     return trainer.fit()
 
 
