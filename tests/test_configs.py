@@ -254,6 +254,7 @@ def test_results_declarations_drive_hash_dirname_and_compare():
         "hardware",
         "logger",
         "cluster",
+        "core_bundle",
         "stop_at_step",
     )
     assert "hardware" not in non_result_keys(C.BenchConfig)  # the benchmark measures the hardware

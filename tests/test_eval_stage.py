@@ -88,3 +88,125 @@ def test_bad_input_is_one_line(tmp_path, args, code, text):
     args = [a.replace("LEGACY", str(legacy)) for a in args]
     r = run_eval(tmp_path, stage_env(tmp_path), *args, "hardware=cpu")
     assert r.returncode == code and text in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+EVAL_FIXTURES = LEGACY.parent / "evals"
+
+
+def test_core_and_chat_suites_end_to_end(trained):
+    """eval=all on the fixture tasks: every score in results.json, metrics and the evaluated run;
+    the chat tasks and CORE through the real stage (a 5-step model scores near chance)."""
+    run, env, root = trained
+    r = run_eval(
+        root,
+        env,
+        f"ckpt={run}",
+        "eval=all",
+        f"eval.data_dir={EVAL_FIXTURES}",
+        "eval.max_examples=3",
+        "eval.max_new_tokens=8",
+        "eval_tokens=1024",
+        "hardware=cpu",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ev,) = run_dirs(root / "outputs", "eval")
+    results = json.loads((ev / "results.json").read_text())
+    scores = results["scores"]
+    assert results["complete"] is True and not (ev / "results.partial.json").exists()
+    assert results["suite"]["max_examples"] == 3 and results["suite"]["name"] == "all"
+    chat_tasks = {"arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling_bee"}
+    assert {"val_bpb", "core_partial", *chat_tasks} <= set(scores)
+    assert "core" not in scores and "chatcore" not in scores  # 3 of 22 tasks; 3 examples per task
+    assert results["details"]["core"]["core_tasks"] == ["arc_easy", "winogrande", "lambada_openai"]
+    assert all(d.get("examples", 3) == 3 for t, d in results["details"].items() if t not in ("bpb", "core"))
+    for key in ("arc_easy", "mmlu", "gsm8k"):
+        assert 0.0 <= scores[key] <= 1.0
+    assert load_record(ev)["final_metrics"]["arc_easy"] == scores["arc_easy"]
+    assert json.loads((run / "evals" / "step_000005" / f"{ev.name}.json").read_text())["scores"] == scores
+    # the evaluated run shows its eval scores beside its training metrics
+    from chatlm.runs.index import RunInfo
+
+    info = RunInfo(run, load_record(run))
+    assert info.final_metrics["arc_easy"] == scores["arc_easy"] and "val_bpb" in info.final_metrics
+    assert info.metrics()[-1] == {"step": 5, **scores}
+    show = subprocess.run(
+        [sys.executable, "-m", "chatlm.cli", "runs", "show", str(run)], capture_output=True, text=True, env=env
+    )
+    assert show.returncode == 0 and "core_partial" in show.stdout and "gsm8k" in show.stdout, show.stdout + show.stderr
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (["eval=gsm8k"], "task gsm8k: "),
+        (["eval=core"], "no CORE tasks at "),
+    ],
+)
+def test_unfetched_task_data_is_one_line_naming_the_fetch(trained, args, text):
+    run, env, root = trained
+    r = run_eval(root, env, f"ckpt={run}", *args, f"eval.data_dir={root / 'empty'}", "hardware=cpu")
+    assert r.returncode == 1 and text in r.stderr and "chatlm fetch evals" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    (ev,) = run_dirs(root / "outputs", "eval")
+    assert not (ev / "results.json").exists() and not (run / "evals").exists()
+
+
+def test_corrupt_task_file_is_one_line(trained):
+    import shutil
+
+    run, env, root = trained
+    data = root / "evals"
+    shutil.copytree(EVAL_FIXTURES, data)
+    (data / "chat" / "mmlu.jsonl").write_text('{"question": "q", "choices": ["a"], "answer": 0}\n{broken\n')
+    r = run_eval(root, env, f"ckpt={run}", "eval=mmlu", f"eval.data_dir={data}", "hardware=cpu")
+    assert r.returncode == 1 and "mmlu.jsonl:2: not JSON" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_bad_suite_values_are_config_errors(tmp_path):
+    r = run_eval(tmp_path, stage_env(tmp_path), "ckpt=x", "eval.tasks=[core,hellaswag]", "hardware=cpu")
+    assert r.returncode == 2 and "eval.tasks: unknown task(s) ['hellaswag']" in r.stderr, r.stderr[-2000:]
+    r = run_eval(tmp_path, stage_env(tmp_path), "ckpt=x", "eval=gsm8k", "eval.num_samples=4", "hardware=cpu")
+    assert r.returncode == 2 and "eval.temperature > 0" in r.stderr, r.stderr[-2000:]
+
+
+def test_core_in_training_and_an_eval_sweep_over_its_checkpoints(tmp_path):
+    """core_metric_every runs the eval stage's CORE inside training; `chatlm.eval -m ckpt=A,B`
+    scores each checkpoint in its own job, and the final one agrees with what training logged."""
+    from tests.conftest import SMOKE, train_once
+
+    env = stage_env(tmp_path)
+    bundle = EVAL_FIXTURES / "core"
+    run = train_once(
+        tmp_path,
+        env,
+        *SMOKE,
+        "save_every=2",
+        "core_metric_every=2",
+        "core_metric_max_per_task=4",
+        f"core_bundle={bundle}",
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    core_rows = {r["step"]: r for r in rows if "core_partial" in r}
+    assert sorted(core_rows) == [2, 4, 5]  # every 2 steps and at the end, not at step 0
+    assert set(core_rows[5]) >= {"core/arc_easy", "core/winogrande", "core/lambada_openai"}
+    assert load_record(run)["final_metrics"]["core_partial"] == core_rows[5]["core_partial"]
+
+    ckpts = ",".join(str(run / "checkpoints" / s) for s in ("step_000002", "step_000005"))
+    r = run_eval(
+        tmp_path,
+        env,
+        "-m",
+        f"ckpt={ckpts}",
+        "eval=core",
+        f"eval.core_bundle={bundle}",
+        "eval.max_examples=4",
+        "hardware=cpu",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    copies = sorted((run / "evals").glob("step_*/*.json"))
+    assert [c.parent.name for c in copies] == ["step_000002", "step_000005"]
+    final = json.loads(copies[1].read_text())["scores"]
+    assert final["core_partial"] == pytest.approx(core_rows[5]["core_partial"], abs=1e-9)
+    early = json.loads(copies[0].read_text())["scores"]
+    assert early["core_partial"] == pytest.approx(core_rows[2]["core_partial"], abs=1e-9)

@@ -44,10 +44,12 @@ from chatlm.config.runtime import (
 )
 from chatlm.config.stages import (
     BENCH_TASKS,
+    EVAL_TASKS,
     LOSS_BENCH_KERNELS,
     BenchConfig,
     CheckConfig,
     EvalConfig,
+    EvalSuiteConfig,
     ModelStageConfig,
     OptimizerStageConfig,
     StageConfig,
@@ -75,7 +77,9 @@ __all__ = [
     "DataSourceConfig",
     "DebugInfo",
     "Device",
+    "EVAL_TASKS",
     "EvalConfig",
+    "EvalSuiteConfig",
     "ExperimentInfo",
     "HardwareConfig",
     "KernelChoice",

@@ -17,7 +17,15 @@ from chatlm.config.runtime import (
     PrecisionConfig,
     SweepInfo,
 )
-from chatlm.config.stages import BenchConfig, CheckConfig, EvalConfig, StageConfig, TokenizeConfig, TrainConfig
+from chatlm.config.stages import (
+    BenchConfig,
+    CheckConfig,
+    EvalConfig,
+    EvalSuiteConfig,
+    StageConfig,
+    TokenizeConfig,
+    TrainConfig,
+)
 
 GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -33,6 +41,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "experiment": ExperimentInfo,
     "sweep": SweepInfo,
     "debug": DebugInfo,
+    "eval": EvalSuiteConfig,
 }
 
 #: the root schema of each stage's primary config (conf/<stage>.yaml)

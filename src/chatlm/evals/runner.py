@@ -6,7 +6,11 @@
 - `<evaluated run>/evals/step_<N>/<eval run name>.json`: a copy beside the training metrics, so the
   evaluated run carries its own scores (`copy_to_run=true`).
 
-Today the scores are bits per byte on the validation shards of the `data` group.
+What is scored is `cfg.eval.tasks` (conf/eval/): `bpb` (validation shards of the `data` group),
+`core` (chatlm.evals.core) and the chat tasks (chatlm.evals.chat). Every task's data is read and
+checked before the model is loaded, so missing or corrupt data ends the run with one line and no
+results. After each task `results.partial.json` holds what is done so far (`complete: false`);
+`results.json` is written only when every task has been scored.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from chatlm.data.loader import val_sets
 from chatlm.data.sources import prepare_sources
+from chatlm.evals import chat, core
 from chatlm.evals.bpb import ValidationBpb
+from chatlm.model import select_inference_backend
 from chatlm.runtime.model_loading import LoadedModel, load_model, run_dir_of
 from chatlm.runtime.rundir import atomic_write_text, now_iso
 
@@ -46,9 +52,111 @@ def score_bpb(cfg: Any, run: Any, loaded: LoadedModel) -> dict:
     return {"val_bpb": value, "val_tokens_per_rank": bpb.tokens_scored}
 
 
-def write_results(cfg: Any, run: Any, evaluated: dict, scores: dict) -> Path:
+def _prepare(cfg: Any) -> dict[str, Any]:
+    """Each task's data, loaded and checked up front (a missing fetch fails here, not after hours)."""
+    suite = cfg.eval
+    prepared: dict[str, Any] = {}
+    for task in suite.tasks:
+        if task == "core":
+            prepared[task] = core.prepare_core(suite.core_bundle or Path(suite.data_dir) / "core", suite.core_tasks)
+        elif task != "bpb":
+            prepared[task] = chat.select(chat.load_task(task, suite.data_dir), suite.max_examples)
+    return prepared
+
+
+def _sandbox_runner(suite: Any) -> Any:
+    from chatlm.evals.sandbox import SandboxLimits, run_many
+
+    limits = SandboxLimits(timeout_s=suite.sandbox_timeout_s)
+    return lambda programs: [r.passed for r in run_many(programs, limits, workers=suite.sandbox_workers)]
+
+
+def _generator(cfg: Any, loaded: LoadedModel) -> Any:
+    from chatlm.engine.padded import ToolTokens, generate_padded
+
+    suite, tok = cfg.eval, loaded.tokenizer
+    stop = [tok.encode_special("<|assistant_end|>"), tok.bos_id]
+    return lambda prompts: generate_padded(
+        loaded.model,
+        prompts,
+        tok.bos_id,
+        suite.max_new_tokens,
+        temperature=suite.temperature,
+        top_k=suite.top_k or None,
+        seed=cfg.seed,
+        stop_ids=stop,
+        tools=ToolTokens(tok),
+        batch_size=suite.batch_size,
+    )
+
+
+def batch_tokens(suite: Any, device: Any) -> int:
+    """eval.max_batch_tokens, with -1 resolved for the device: 16384 on a GPU, 2048 on a CPU, where
+    a batch beyond the cache is no faster (docs/performance.md)."""
+    if suite.max_batch_tokens > 0:
+        return int(suite.max_batch_tokens)
+    return 16384 if getattr(device, "type", str(device)) == "cuda" else 2048
+
+
+def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) -> tuple[dict, dict]:
+    """(flat scores for metrics.jsonl and runs ls, details for results.json) of one task."""
+    suite, model, tok = cfg.eval, loaded.model, loaded.tokenizer
+    tokens = batch_tokens(suite, run.ctx.device)
+    if task == "bpb":
+        scores = score_bpb(cfg, run, loaded)
+        return scores, dict(scores)
+    if task == "core":
+        summary, results = core.evaluate_core(model, tok, data, suite.max_examples, suite.batch_size, tokens, run.ctx)
+        key = "core" if "core" in summary else "core_partial"
+        flat = {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
+        log.info(
+            "%s %.4f over %d of %d tasks%s",
+            key,
+            summary[key],
+            len(results),
+            len(core.CORE_LABELS),
+            f" (missing: {', '.join(summary['core_missing'])})" if summary["core_missing"] else "",
+        )
+        return flat, {**summary, "tasks": {r.label: r.summary() for r in results}}
+    if task in chat.CATEGORICAL:
+        result = chat.evaluate_categorical(model, tok, task, data, suite.batch_size, tokens)
+    else:
+        result = chat.evaluate_generative(
+            model,
+            tok,
+            task,
+            data,
+            _generator(cfg, loaded),
+            suite.num_samples,
+            _sandbox_runner(suite) if task == "humaneval" else None,
+        )
+    log.info("%s: accuracy %.4f (%d examples)", task, result.accuracy, result.examples)
+    return {task: result.accuracy}, result.summary()
+
+
+def _suite_record(suite: Any) -> dict:
+    keys = ("name", "tasks", "core_tasks", "max_examples", "max_new_tokens", "temperature", "top_k", "num_samples")
+    return {k: getattr(suite, k) for k in keys}
+
+
+def write_partial(run: Any, evaluated: dict, scores: dict, details: dict, suite: Any) -> None:
+    """What is scored so far, marked incomplete (an interrupted evaluation keeps its finished tasks)."""
+    record = {"complete": False, "evaluated": evaluated, "suite": _suite_record(suite), "scores": scores}
+    record["details"] = details
+    atomic_write_text(run.path / "results.partial.json", json.dumps(record, indent=2, default=str) + "\n")
+
+
+def write_results(cfg: Any, run: Any, evaluated: dict, scores: dict, details: Optional[dict] = None) -> Path:
     """results.json in the eval run and, with copy_to_run, in the evaluated run's evals/step_<N>/."""
-    results = {"evaluated": evaluated, "scores": scores, "time": now_iso(), "eval_run": str(run.path)}
+    results = {
+        "complete": True,
+        "evaluated": evaluated,
+        "suite": _suite_record(cfg.eval),
+        "scores": scores,
+        "details": details or {},
+        "time": now_iso(),
+        "eval_run": str(run.path),
+    }
     text = json.dumps(results, indent=2, default=str) + "\n"
     atomic_write_text(run.path / "results.json", text)
     copy = Path(evaluated["run_dir"]) / "evals" / f"step_{evaluated['step']:06d}" / f"{run.path.name}.json"
@@ -62,9 +170,14 @@ def write_results(cfg: Any, run: Any, evaluated: dict, scores: dict) -> Path:
 
 
 def evaluate(cfg: Any, run: Any) -> dict:
-    """The eval stage's body: load the checkpoint, score it, record and write the results."""
-    ctx = run.ctx
-    loaded = load_model(cfg.ckpt, device=ctx.device, dtype=run.policy.compute_dtype, tokenizer_dir=cfg.tokenizer_dir)
+    """The eval stage's body: check the task data, load the checkpoint, score each task, record
+    and write the results."""
+    ctx, suite = run.ctx, cfg.eval
+    prepared = _prepare(cfg)
+    backend = select_inference_backend(ctx.device, run.policy.compute_dtype)  # shapes change batch to batch
+    loaded = load_model(
+        cfg.ckpt, device=ctx.device, dtype=run.policy.compute_dtype, tokenizer_dir=cfg.tokenizer_dir, backend=backend
+    )
     checkpoint = Path(loaded.meta["checkpoint"])
     evaluated = {
         "checkpoint": str(checkpoint),
@@ -72,11 +185,29 @@ def evaluate(cfg: Any, run: Any) -> dict:
         "run_dir": str(run_dir_of(checkpoint)),
         "tokenizer": loaded.tokenizer.identity(),
     }
-    log.info("evaluating %s (step %d, %s)", checkpoint, evaluated["step"], loaded.tokenizer.name)
+    log.info(
+        "evaluating %s (step %d, %s): %s%s",
+        checkpoint,
+        evaluated["step"],
+        loaded.tokenizer.name,
+        ", ".join(suite.tasks),
+        f", {suite.max_examples} examples per task" if suite.max_examples > 0 else "",
+    )
     run.update_record(evaluated=evaluated)
     run.record_derived(evaluated_checkpoint=str(checkpoint), evaluated_step=evaluated["step"])
-    scores = score_bpb(cfg, run, loaded)
+    scores: dict = {}
+    details: dict = {}
+    for task in suite.tasks:
+        flat, detail = score_task(cfg, run, loaded, task, prepared.get(task))
+        scores.update(flat)
+        details[task] = detail
+        if ctx.is_main:
+            write_partial(run, evaluated, scores, details, suite)
+    value = chat.chatcore({t: scores[t] for t in chat.CHATCORE_TASKS if t in scores}, complete=suite.max_examples < 0)
+    if value is not None:
+        scores["chatcore"] = value
     run.log_metrics(step=evaluated["step"], **scores)
     if ctx.is_main:
-        write_results(cfg, run, evaluated, scores)
+        write_results(cfg, run, evaluated, scores, details)
+        (run.path / "results.partial.json").unlink(missing_ok=True)
     return {"step": evaluated["step"], **scores}

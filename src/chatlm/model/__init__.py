@@ -8,6 +8,7 @@ from chatlm.model.attention import (
     causal_attention,
     prepare_backend,
     select_backend,
+    select_inference_backend,
 )
 from chatlm.model.gpt import GPT, Linear
 from chatlm.model.sizing import ModelDims, derive_dims
@@ -24,4 +25,5 @@ __all__ = [
     "derive_dims",
     "prepare_backend",
     "select_backend",
+    "select_inference_backend",
 ]

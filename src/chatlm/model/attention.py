@@ -178,6 +178,17 @@ def select_backend(
     return name
 
 
+def select_inference_backend(device: Union[str, torch.device], dtype: torch.dtype) -> str:
+    """The backend for batches whose shapes change from call to call (evaluation, generation):
+    fa4 when it runs, else sdpa. Not flex: it compiles once per new (Tq, Tk, window) and, past
+    dynamo's recompile limit, falls back to materializing every score matrix (measured on the
+    H200 with CORE's rows: not done in 240 s, docs/performance.md)."""
+    device = torch.device(device)
+    if device.type == "cuda" and dtype == torch.bfloat16 and backend_unavailable_reason("fa4", device, dtype) is None:
+        return "fa4"
+    return "sdpa"
+
+
 def prepare_backend(backend: str) -> None:
     """Import and register what `backend` needs, eagerly and idempotently.
 
@@ -281,7 +292,9 @@ def _sdpa(q, k, v, window: int) -> torch.Tensor:
     if tq == tk and _covers_all(window, tk):
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
     else:
-        if q.is_cuda and not _covers_all(window, tk):
+        if q.is_cuda and not _covers_all(window, tk) and torch.is_grad_enabled():
+            # training would materialize a dense mask per layer and fall off the flash kernels;
+            # inference (evaluation, generation) takes the mask: exact, and no compile per shape
             raise RuntimeError(
                 "sdpa would need a dense T x T mask for a sliding-window layer on GPU; "
                 "use attention_backend=flex or fa4, or window_pattern=L"

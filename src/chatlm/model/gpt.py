@@ -317,17 +317,8 @@ class GPT(nn.Module):
             kv_cache.prev_embedding = x[:, -1:].detach().clone()
         return out
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        targets: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
-        loss_reduction: str = "mean",
-    ) -> torch.Tensor:
-        """Logits (B, T, V) in fp32, or the cross-entropy loss when `targets` is given.
-
-        Targets equal to -1 are ignored. loss_reduction 'none' returns a flat (B*T,) vector.
-        """
+    def final_hidden(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
+        """(B, T, n_embd) normalized hidden states after the last block: what the head reads."""
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.pos
         if t0 + T > self.cos.size(1):
@@ -351,16 +342,33 @@ class GPT(nn.Module):
             x = x - self.backout_lambda.to(x.dtype) * x_backout
         if kv_cache is not None:
             kv_cache.advance(T)
+        return norm(x)
 
-        x = norm(x)
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Softcapped fp32 logits of hidden states from `final_hidden` (any leading shape).
+        Evaluators call it on the few positions they score instead of on every position."""
+        return softcap_logits(self.lm_head(x)[..., : self.dims.vocab_size], self.config.softcap)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Logits (B, T, V) in fp32, or the cross-entropy loss when `targets` is given.
+
+        Targets equal to -1 are ignored. loss_reduction 'none' returns a flat (B*T,) vector.
+        """
+        x = self.final_hidden(idx, kv_cache)
         softcap, vocab = self.config.softcap, self.dims.vocab_size
         if targets is not None and loss_reduction == "mean" and self.fused_loss(x):
             head = self.lm_head  # a plain Linear fuses its matmul too; a Float8Linear hands over logits
             weight = head.weight.to(x.dtype) if type(head) is Linear else None
             return fused_softcap_ce(x, head, targets, softcap, vocab, weight=weight)
-        logits = self.lm_head(x)[..., :vocab]
         if targets is None:
-            return softcap_logits(logits, softcap)
+            return self.head_logits(x)
+        logits = self.lm_head(x)[..., :vocab]
         return plain_softcap_ce(logits, targets, softcap, reduction=loss_reduction)
 
     def fused_loss(self, x: torch.Tensor) -> bool:

@@ -108,8 +108,29 @@ class RunInfo:
 
     @property
     def final_metrics(self) -> dict[str, Any]:
+        """run.json's final metrics, plus the scores of the evaluations of its last evaluated
+        checkpoint (`evals/step_<N>/*.json`, written by `chatlm.eval`) under keys it lacks."""
         value = self.record.get("final_metrics")
-        return value if isinstance(value, dict) else {}
+        final = dict(value) if isinstance(value, dict) else {}
+        scores = self.eval_scores()
+        if scores:
+            for key, v in scores[max(scores)].items():
+                final.setdefault(key, v)
+        return final
+
+    def eval_scores(self) -> dict[int, dict[str, Any]]:
+        """step -> scores of the completed evaluations copied into this run (later files win)."""
+        out: dict[int, dict[str, Any]] = {}
+        for path in sorted(self.path.glob("evals/step_*/*.json"), key=lambda p: (p.parent.name, p.stat().st_mtime)):
+            try:
+                data = json.loads(path.read_text())
+                step = int(data["evaluated"]["step"])
+                scores = data["scores"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if data.get("complete", True) and isinstance(scores, dict):
+                out.setdefault(step, {}).update(scores)
+        return out
 
     @property
     def overrides(self) -> list[str]:
@@ -143,9 +164,11 @@ class RunInfo:
         return flat
 
     def metrics(self) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl (torn/invalid lines skipped; empty if the file is missing)."""
+        """The rows of metrics.jsonl (torn/invalid lines skipped; empty if the file is missing),
+        then one row per evaluated step with its eval scores, so curves of `core` or `gsm8k` plot."""
         if self._metrics is None:
             self._metrics = list(read_metrics(self.path / "metrics.jsonl"))
+            self._metrics += [{"step": step, **scores} for step, scores in sorted(self.eval_scores().items())]
         return self._metrics
 
     def last_write(self) -> float:

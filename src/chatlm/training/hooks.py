@@ -108,6 +108,30 @@ class ValidationHook(Periodic):
         return {"val_bpb": self.last_bpb, "min_val_bpb": trainer.state.extra.get("min_val_bpb", math.inf)}
 
 
+class CoreHook(Periodic):
+    """CORE every `every` steps and at the end (nanochat: not at step 0), through the evaluation
+    stage's code; the score (`core`, or `core_partial` over fewer than the 22 tasks) and each
+    task's centred accuracy are logged, the last ones kept for the final metrics."""
+
+    def __init__(self, every: int, evaluate: Callable[[], dict], metrics: Any):
+        super().__init__(every, self._evaluate)
+        self.evaluate, self.metrics = evaluate, metrics
+        self.trainer: Any = None
+        self.last: dict = {}
+
+    def on_start(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def _evaluate(self, step: int) -> None:
+        self.last = self.evaluate()
+        self.metrics.log(step, self.last, section="eval", context={"tokens": self.trainer.state.tokens})
+        key = "core" if "core" in self.last else "core_partial"
+        log.info("step %d | %s %.4f", step, key, self.last[key])
+
+    def final_metrics(self, trainer: Any) -> dict:
+        return {k: v for k, v in self.last.items() if k in ("core", "core_partial")}
+
+
 class LogHook(Hook):
     """A metrics.jsonl row (and the sinks) every `every` steps and at the last one; the progress
     bar every step. MFU needs the model's FLOPs per token and the device's peak."""

@@ -38,7 +38,7 @@ from chatlm.tokenizer import Tokenizer, tokenizer_dir
 from chatlm.training.batches import RepeatBatches
 from chatlm.training.build import build_training_model, pretrain_trainer
 from chatlm.training.checkpointing import CheckpointHook, restore
-from chatlm.training.hooks import GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
+from chatlm.training.hooks import CoreHook, GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
 from chatlm.training.plan import Plan, describe_plan, plan_run
 
 log = logging.getLogger("chatlm")
@@ -93,6 +93,35 @@ def _val_bpb(cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list, plan: 
             return bpb(plain)
 
     return plain_bpb
+
+
+EVAL_BATCH_TOKENS = 16384  # CORE in training: tokens per forward pass at most (the eval stage's GPU default)
+
+
+def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) -> Any:
+    """CORE of the current weights (uncompiled, fp8 off): the eval stage's code and its data, read
+    and checked here, before the first step."""
+    from chatlm.evals.core import evaluate_core, prepare_core
+
+    bundle = cfg.core_bundle or str(Path(cfg.paths.cache_dir).expanduser() / "evals" / "core")
+    prepared = prepare_core(bundle)
+    log.info("CORE every %d steps: %d tasks from %s", cfg.core_metric_every, len(prepared), bundle)
+
+    def evaluate() -> dict:
+        with fp8_disabled(built.model) as plain:
+            summary, results = evaluate_core(
+                plain,
+                tok,
+                prepared,
+                cfg.core_metric_max_per_task,
+                batch_size=plan.device_batch_size,
+                max_batch_tokens=min(plan.device_batch_size * plan.seq_len, EVAL_BATCH_TOKENS),
+                ctx=run.ctx,
+            )
+        key = "core" if "core" in summary else "core_partial"
+        return {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
+
+    return evaluate
 
 
 class RunSummary(Hook):
@@ -208,9 +237,13 @@ def _hooks(
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
     start = (resumed_at or 0) + cfg.profile_start
     profiler = StepProfiler(run.path, ctx.rank, start, cfg.profile_steps, device)
+    core_hook = []
+    if cfg.core_metric_every > 0:
+        core_hook = [CoreHook(cfg.core_metric_every, _core(cfg, run, tok, plan, built), metrics)]
     return [
         GCHook(),
         ValidationHook(cfg.eval_every, _val_bpb(cfg, run, tok, val_files, plan, built), metrics),
+        *core_hook,
         Periodic(cfg.sample_every, SampleWriter(run, tok, built.model)),
         checkpoint,
         LogHook(
