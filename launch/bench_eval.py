@@ -64,6 +64,19 @@ def _model(args: argparse.Namespace, texts: list[str], device: torch.device):
     return model.eval(), tok, f"d{args.depth} (fresh init), {dtype}, attention {backend}"
 
 
+class FullLogits(torch.nn.Module):
+    """The model without `final_hidden`/`head_logits`: the scorers then take the logits of every
+    position (the path before engine.padded.span_logits), for an A/B of the two."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.cos = model.cos
+
+    def forward(self, idx):
+        return self.inner(idx)
+
+
 def _core_rows(tok, task, examples):
     data = core.select(examples, -1)
     per_example = []
@@ -187,6 +200,7 @@ def main() -> None:
     ap.add_argument("--gen-examples", type=int, default=0, help="GSM8K prompts generated (0: skip)")
     ap.add_argument("--gen-batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--head", default="span", choices=["span", "full"], help="logits at scored positions only, or all")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto", help="with --depth: auto (fa4, else sdpa), sdpa, flex, fa4")
     args = ap.parse_args()
@@ -197,6 +211,8 @@ def main() -> None:
     mmlu = chat.load_task("mmlu", Path(args.chat_dir).expanduser())
     texts = [json.dumps(x) for _, ex in prepared for x in ex[:2000]] + [r["question"] for r in mmlu[:2000]]
     model, tok, what = _model(args, texts, device)
+    if args.head == "full":
+        model, what = FullLogits(model), what + ", logits at every position"
     results = []
     with torch.no_grad():
         for task, examples in prepared:

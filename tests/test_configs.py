@@ -255,6 +255,11 @@ def test_results_declarations_drive_hash_dirname_and_compare():
         "logger",
         "cluster",
         "core_bundle",
+        "chat_eval.batch_size",
+        "chat_eval.max_batch_tokens",
+        "chat_eval.data_dir",
+        "chat_eval.core_bundle",
+        "chat_eval.sandbox_workers",
         "stop_at_step",
     )
     assert "hardware" not in non_result_keys(C.BenchConfig)  # the benchmark measures the hardware

@@ -210,3 +210,43 @@ def test_core_in_training_and_an_eval_sweep_over_its_checkpoints(tmp_path):
     assert final["core_partial"] == pytest.approx(core_rows[5]["core_partial"], abs=1e-9)
     early = json.loads(copies[0].read_text())["scores"]
     assert early["core_partial"] == pytest.approx(core_rows[2]["core_partial"], abs=1e-9)
+
+
+def test_chat_evals_in_training_match_the_eval_stage(tmp_path):
+    """chat_metric_every scores chat tasks during training with the eval stage's code: the last
+    in-training scores equal `chatlm.eval` on the final checkpoint with the same settings."""
+    from tests.conftest import SMOKE, train_once
+
+    env = stage_env(tmp_path)
+    suite = [f"data_dir={EVAL_FIXTURES}", "max_examples=3", "max_new_tokens=6"]
+    run = train_once(
+        tmp_path,
+        env,
+        *SMOKE,
+        "chat_metric_every=2",
+        "chat_eval.tasks=[arc_easy,mmlu,gsm8k]",
+        *(f"chat_eval.{x}" for x in suite),
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    chat_rows = {r["step"]: r for r in rows if "mmlu" in r}
+    assert sorted(chat_rows) == [2, 4, 5] and {"arc_easy", "gsm8k"} <= set(chat_rows[5])
+    assert load_record(run)["final_metrics"]["mmlu"] == chat_rows[5]["mmlu"]
+    r = run_eval(tmp_path, env, f"ckpt={run}", "eval.tasks=[arc_easy,mmlu,gsm8k]", *(f"eval.{x}" for x in suite))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (ev,) = run_dirs(tmp_path / "outputs", "eval")
+    scores = json.loads((ev / "results.json").read_text())["scores"]
+    assert {k: scores[k] for k in ("arc_easy", "mmlu", "gsm8k")} == {
+        k: chat_rows[5][k] for k in ("arc_easy", "mmlu", "gsm8k")
+    }
+
+
+def test_chat_eval_in_training_refuses_non_chat_tasks(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "chatlm.train", "debug=smoke", "chat_eval.tasks=[core]"],
+        cwd=tmp_path,
+        env=stage_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "chat_eval.tasks: ['core'] are not chat tasks" in r.stderr, r.stderr[-2000:]

@@ -23,6 +23,14 @@ def test_a_gpu_preset_on_a_cpu_machine_is_one_line(tmp_path, run_stage, env, arg
     assert not (tmp_path / "outputs").exists()  # no run directory holding only .hydra/
 
 
+def test_core_in_training_without_its_data_stops_before_the_first_step(tmp_path, run_stage, env):
+    r = run_stage("train", *SMOKE, "core_metric_every=5", f"core_bundle={tmp_path / 'none'}", env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "no CORE tasks at" in r.stderr and "chatlm fetch evals" in r.stderr and "point core_bundle" in r.stderr
+    (d,) = run_dirs(tmp_path / "outputs", "train")
+    assert not (d / "checkpoints").exists() and load_record(d)["status"] == "failed"
+
+
 @pytest.mark.parametrize(
     "override, text",
     [
@@ -34,7 +42,7 @@ def test_a_gpu_preset_on_a_cpu_machine_is_one_line(tmp_path, run_stage, env, arg
         ("optim.momentum=1.0", "optim.momentum: must be in [0, 1), got 1.0"),
         ("optim.wte_betas=[0.9,1.0]", "optim.wte_betas: must be two numbers in [0, 1)"),
         ("schedule.final_lr_frac=2", "schedule.final_lr_frac: must be in [0, 1], got 2.0"),
-        ("core_metric_every=5", "core_metric_every: CORE during training is not available yet"),
+        ("core_metric_every=0", "core_metric_every: must be -1 (off) or >= 1, got 0"),
     ],
 )
 def test_values_out_of_range_are_refused_at_composition(tmp_path, run_stage, env, override, text):

@@ -377,3 +377,33 @@ def test_job_killed_outright_is_closed_as_failed_by_the_launcher(slurm_cluster, 
     assert job["stderr"] in rec["error"]["message"]
     assert [row["status"] for row in summary_rows(sweep)] == ["failed"]
     assert json.loads((sweep / "sweep.json").read_text())["jobs"][0]["state"] == "killed"
+
+
+def test_eval_over_checkpoints_is_one_slurm_job_each(slurm_cluster, tmp_path, env):
+    """`chatlm.eval -m ckpt=A,B cluster=slurm_cpu`: one array task per checkpoint, each result
+    landing beside its checkpoint in the evaluated run (evals/step_<N>/)."""
+    from tests.conftest import train_once
+
+    run = train_once(tmp_path, env, *SMOKE, "save_every=2", "hardware=cpu")
+    ckpts = ",".join(str(run / "checkpoints" / s) for s in ("step_000002", "step_000005"))
+    bundle = Path(__file__).parent / "fixtures" / "evals" / "core"
+    sweep = tmp_path / "eval_sweep"
+    r = chatlm(
+        "eval",
+        "-m",
+        f"ckpt={ckpts}",
+        "eval=core",
+        f"eval.core_bundle={bundle}",
+        "eval.max_examples=3",
+        "cluster=slurm_cpu",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [load_record(j) for j in job_dirs(sweep)]
+    assert len(records) == 2 and all(rec["status"] == "completed" and rec["launcher"] == "slurm" for rec in records)
+    assert sorted(rec["slurm"]["array_task_id"] for rec in records) == ["0", "1"]  # one array, a task each
+    copies = sorted((run / "evals").glob("step_*/*.json"))
+    assert [c.parent.name for c in copies] == ["step_000002", "step_000005"]
+    assert all("core_partial" in json.loads(c.read_text())["scores"] for c in copies)

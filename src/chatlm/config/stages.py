@@ -118,6 +118,63 @@ class ModelStageConfig(OptimizerStageConfig):
     debug: DebugInfo = setting(help="which debug preset ran", factory=DebugInfo)
 
 
+#: what `python -m chatlm.eval eval.tasks=[...]` can score (chatlm.evals.tasks describes each)
+EVAL_TASKS = ("bpb", "core", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling_bee")
+
+
+@dataclass
+class EvalSuiteConfig:
+    """Set by `eval=<suite>` (conf/eval/): which tasks are scored, on how many examples, and how
+    the generative ones sample. Task data comes from `chatlm fetch evals` (or a DCLM eval bundle)."""
+
+    name: str = setting("bpb", "suite name, recorded with the results")
+    tasks: List[str] = setting(help=f"tasks scored, in order: {', '.join(EVAL_TASKS)}", factory=lambda: ["bpb"])
+    core_tasks: List[str] = setting(
+        help="CORE: only these task labels of the bundle (empty = all of them)", factory=list
+    )
+    max_examples: int = setting(-1, "per task: score the first N examples of its fixed shuffle (-1 = all)")
+    batch_size: int = setting(32, "rows (one prompt, or one choice of a prompt) per forward pass", results=False)
+    max_batch_tokens: int = setting(
+        -1,
+        "a forward pass holds at most this many tokens (rows x padded length); -1 = 16384 on a GPU, "
+        "2048 on a CPU (where larger batches only add cache misses; docs/performance.md)",
+        results=False,
+    )
+    data_dir: str = setting("${paths.cache_dir}/evals", "where `chatlm fetch evals` put the task files", results=False)
+    core_bundle: Optional[str] = setting(
+        None,
+        "CORE: a DCLM eval bundle directory (core.yaml, eval_data/, eval_meta_data.csv); null = <data_dir>/core",
+        results=False,
+    )
+    max_new_tokens: int = setting(512, "generative tasks: tokens sampled per answer at most")
+    temperature: float = setting(0.0, "generative tasks: sampling temperature (0 = greedy)")
+    top_k: int = setting(50, "generative tasks: sample from the k most likely tokens (0 = all)")
+    num_samples: int = setting(1, "generative tasks: answers per problem; pass@k for k = 1..num_samples")
+    sandbox_timeout_s: float = setting(5.0, "humaneval: wall-clock seconds per program in the sandbox")
+    sandbox_workers: int = setting(4, "humaneval: programs run at once", results=False)
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in EVAL_TASKS]
+        if bad:
+            raise ConfigError("eval.tasks", f"unknown task(s) {bad}; valid: {', '.join(EVAL_TASKS)}")
+        if not self.tasks:
+            raise ConfigError("eval.tasks", "name at least one task, e.g. eval=core or eval.tasks=[bpb,core]")
+        if self.max_examples == 0 or self.max_examples < -1:
+            raise ConfigError("eval.max_examples", f"must be -1 (all) or >= 1, got {self.max_examples}")
+        for key in ("batch_size", "max_new_tokens", "num_samples", "sandbox_workers"):
+            _at_least(getattr(self, key), 1, f"eval.{key}")
+        if self.max_batch_tokens == 0 or self.max_batch_tokens < -1:
+            raise ConfigError("eval.max_batch_tokens", f"must be -1 (auto) or >= 1, got {self.max_batch_tokens}")
+        if self.temperature < 0:
+            raise ConfigError("eval.temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError("eval.top_k", f"must be >= 0 (0 = all tokens), got {self.top_k}")
+        if self.num_samples > 1 and self.temperature == 0:
+            raise ConfigError("eval.num_samples", "several samples need eval.temperature > 0 (greedy gives one answer)")
+        if self.sandbox_timeout_s <= 0:
+            raise ConfigError("eval.sandbox_timeout_s", f"must be > 0, got {self.sandbox_timeout_s}")
+
+
 @dataclass
 class TrainConfig(ModelStageConfig):
     """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
@@ -140,6 +197,15 @@ class TrainConfig(ModelStageConfig):
         None,
         "CORE tasks: a DCLM eval bundle directory; null = <paths.cache_dir>/evals/core (chatlm fetch evals)",
         results=False,
+    )
+    chat_metric_every: int = setting(
+        -1, "chat evals (chat_eval.tasks) every N steps and at the end; -1 = off (for chat models: SFT, RL)"
+    )
+    chat_eval: EvalSuiteConfig = setting(
+        help="the chat evals run in training: tasks, examples per task, sampling (the eval stage's eval.* keys)",
+        factory=lambda: EvalSuiteConfig(
+            name="in_training", tasks=["arc_easy", "arc_challenge", "mmlu"], max_examples=500
+        ),
     )
     sample_every: int = setting(2000, "greedy samples of 7 fixed prompts every N steps and at the end; -1 = off")
     save_every: int = setting(-1, "checkpoint every N steps; -1 = only at the end")
@@ -171,6 +237,13 @@ class TrainConfig(ModelStageConfig):
         _at_least(self.eval_tokens, 1, "eval_tokens")
         if self.core_metric_every == 0 or self.core_metric_every < -1:
             raise ConfigError("core_metric_every", f"must be -1 (off) or >= 1, got {self.core_metric_every}")
+        if self.chat_metric_every == 0 or self.chat_metric_every < -1:
+            raise ConfigError("chat_metric_every", f"must be -1 (off) or >= 1, got {self.chat_metric_every}")
+        bad = [t for t in self.chat_eval.tasks if t in ("bpb", "core")]
+        if bad:
+            raise ConfigError(
+                "chat_eval.tasks", f"{bad} are not chat tasks (training has eval_every and core_metric_every for them)"
+            )
         if self.core_metric_max_per_task == 0 or self.core_metric_max_per_task < -1:
             raise ConfigError(
                 "core_metric_max_per_task", f"must be -1 (all) or >= 1, got {self.core_metric_max_per_task}"
@@ -247,63 +320,6 @@ class BenchConfig(ModelStageConfig):
             raise ConfigError(
                 "loss_kernels", f"unknown loss kernel(s) {bad}; valid: {', '.join(LOSS_BENCH_KERNELS)} (empty = all)"
             )
-
-
-#: what `python -m chatlm.eval eval.tasks=[...]` can score (chatlm.evals.tasks describes each)
-EVAL_TASKS = ("bpb", "core", "arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling_bee")
-
-
-@dataclass
-class EvalSuiteConfig:
-    """Set by `eval=<suite>` (conf/eval/): which tasks are scored, on how many examples, and how
-    the generative ones sample. Task data comes from `chatlm fetch evals` (or a DCLM eval bundle)."""
-
-    name: str = setting("bpb", "suite name, recorded with the results")
-    tasks: List[str] = setting(help=f"tasks scored, in order: {', '.join(EVAL_TASKS)}", factory=lambda: ["bpb"])
-    core_tasks: List[str] = setting(
-        help="CORE: only these task labels of the bundle (empty = all of them)", factory=list
-    )
-    max_examples: int = setting(-1, "per task: score the first N examples of its fixed shuffle (-1 = all)")
-    batch_size: int = setting(32, "rows (one prompt, or one choice of a prompt) per forward pass", results=False)
-    max_batch_tokens: int = setting(
-        -1,
-        "a forward pass holds at most this many tokens (rows x padded length); -1 = 16384 on a GPU, "
-        "2048 on a CPU (where larger batches only add cache misses; docs/performance.md)",
-        results=False,
-    )
-    data_dir: str = setting("${paths.cache_dir}/evals", "where `chatlm fetch evals` put the task files", results=False)
-    core_bundle: Optional[str] = setting(
-        None,
-        "CORE: a DCLM eval bundle directory (core.yaml, eval_data/, eval_meta_data.csv); null = <data_dir>/core",
-        results=False,
-    )
-    max_new_tokens: int = setting(512, "generative tasks: tokens sampled per answer at most")
-    temperature: float = setting(0.0, "generative tasks: sampling temperature (0 = greedy)")
-    top_k: int = setting(50, "generative tasks: sample from the k most likely tokens (0 = all)")
-    num_samples: int = setting(1, "generative tasks: answers per problem; pass@k for k = 1..num_samples")
-    sandbox_timeout_s: float = setting(5.0, "humaneval: wall-clock seconds per program in the sandbox")
-    sandbox_workers: int = setting(4, "humaneval: programs run at once", results=False)
-
-    def __post_init__(self) -> None:
-        bad = [t for t in self.tasks if t not in EVAL_TASKS]
-        if bad:
-            raise ConfigError("eval.tasks", f"unknown task(s) {bad}; valid: {', '.join(EVAL_TASKS)}")
-        if not self.tasks:
-            raise ConfigError("eval.tasks", "name at least one task, e.g. eval=core or eval.tasks=[bpb,core]")
-        if self.max_examples == 0 or self.max_examples < -1:
-            raise ConfigError("eval.max_examples", f"must be -1 (all) or >= 1, got {self.max_examples}")
-        for key in ("batch_size", "max_new_tokens", "num_samples", "sandbox_workers"):
-            _at_least(getattr(self, key), 1, f"eval.{key}")
-        if self.max_batch_tokens == 0 or self.max_batch_tokens < -1:
-            raise ConfigError("eval.max_batch_tokens", f"must be -1 (auto) or >= 1, got {self.max_batch_tokens}")
-        if self.temperature < 0:
-            raise ConfigError("eval.temperature", f"must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError("eval.top_k", f"must be >= 0 (0 = all tokens), got {self.top_k}")
-        if self.num_samples > 1 and self.temperature == 0:
-            raise ConfigError("eval.num_samples", "several samples need eval.temperature > 0 (greedy gives one answer)")
-        if self.sandbox_timeout_s <= 0:
-            raise ConfigError("eval.sandbox_timeout_s", f"must be > 0, got {self.sandbox_timeout_s}")
 
 
 @dataclass

@@ -235,6 +235,49 @@ def evaluate_generative(
     return ChatResult(task, sum(credit) / len(rows), len(rows), credit, extra)
 
 
+def generator_for(model: Any, tok: Any, suite: Any, seed: int) -> Callable[[list[list[int]]], list[list[int]]]:
+    """prompts -> new tokens with the suite's sampling settings (`eval.*`), batched, with tool
+    calls, stopping at `<|assistant_end|>` or BOS."""
+    from chatlm.engine.padded import ToolTokens, generate_padded
+
+    stop = [tok.encode_special("<|assistant_end|>"), tok.bos_id]
+    return lambda prompts: generate_padded(
+        model,
+        prompts,
+        tok.bos_id,
+        suite.max_new_tokens,
+        temperature=suite.temperature,
+        top_k=suite.top_k or None,
+        seed=seed,
+        stop_ids=stop,
+        tools=ToolTokens(tok),
+        batch_size=suite.batch_size,
+    )
+
+
+def sandbox_for(suite: Any) -> Callable[[list[str]], list[bool]]:
+    """programs -> passed, run in the sandbox with the suite's timeout and parallelism."""
+    from chatlm.evals.sandbox import SandboxLimits, run_many
+
+    limits = SandboxLimits(timeout_s=suite.sandbox_timeout_s)
+    return lambda programs: [r.passed for r in run_many(programs, limits, workers=suite.sandbox_workers)]
+
+
+def evaluate_task(
+    model: Any, tok: Any, task: str, rows: Sequence[dict], suite: Any, seed: int, tokens: int
+) -> ChatResult:
+    """One chat task with a suite's settings (`EvalSuiteConfig`): the eval stage and training
+    both score through here."""
+    if task in CATEGORICAL:
+        result = evaluate_categorical(model, tok, task, rows, suite.batch_size, tokens)
+    else:
+        run_programs = sandbox_for(suite) if task == "humaneval" else None
+        generate = generator_for(model, tok, suite, seed)
+        result = evaluate_generative(model, tok, task, rows, generate, suite.num_samples, run_programs)
+    log.info("%s: accuracy %.4f (%d examples)", task, result.accuracy, result.examples)
+    return result
+
+
 def chatcore(accuracies: dict[str, float], complete: bool) -> Optional[float]:
     """Mean centred accuracy over nanochat's five tasks, or None unless all were scored in full."""
     if not complete or any(t not in accuracies for t in CHATCORE_TASKS):

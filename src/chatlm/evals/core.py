@@ -90,14 +90,15 @@ class CoreTask:
     baseline: float  # random-guess accuracy, as a fraction
 
 
-def read_bundle(root: str | Path) -> list[CoreTask]:
-    """The tasks of an eval bundle directory, in core.yaml's order."""
+def read_bundle(root: str | Path, key: str = "eval.core_bundle") -> list[CoreTask]:
+    """The tasks of an eval bundle directory, in core.yaml's order (`key`: the config key that
+    names the bundle, for the message when it is missing)."""
     root = Path(root).expanduser()
     spec_path, meta_path = root / "core.yaml", root / "eval_meta_data.csv"
     if not spec_path.is_file():
         raise EvalDataMissing(
             f"no CORE tasks at {root} (core.yaml missing): run `chatlm fetch evals`, "
-            "or point eval.core_bundle at a DCLM eval bundle"
+            f"or point {key} at a DCLM eval bundle"
         )
     try:
         spec = yaml.safe_load(spec_path.read_text())
@@ -279,10 +280,12 @@ def core_summary(results: Sequence[TaskResult]) -> dict:
     return {key: value, "core_tasks": labels, "core_missing": missing}
 
 
-def prepare_core(bundle: str | Path, only: Sequence[str] = ()) -> list[tuple[CoreTask, list[dict]]]:
+def prepare_core(
+    bundle: str | Path, only: Sequence[str] = (), key: str = "eval.core_bundle"
+) -> list[tuple[CoreTask, list[dict]]]:
     """The bundle's tasks (or those named in `only`) with their examples, read and checked before
     any scoring starts, so missing or corrupt data stops the run before it has results."""
-    tasks = read_bundle(bundle)
+    tasks = read_bundle(bundle, key)
     if only:
         unknown = sorted(set(only) - {t.label for t in tasks})
         if unknown:

@@ -24,6 +24,7 @@ from chatlm.data.loader import val_sets
 from chatlm.data.sources import prepare_sources
 from chatlm.evals import chat, core
 from chatlm.evals.bpb import ValidationBpb
+from chatlm.evals.scoring import batch_tokens
 from chatlm.model import select_inference_backend
 from chatlm.runtime.model_loading import LoadedModel, load_model, run_dir_of
 from chatlm.runtime.rundir import atomic_write_text, now_iso
@@ -64,44 +65,10 @@ def _prepare(cfg: Any) -> dict[str, Any]:
     return prepared
 
 
-def _sandbox_runner(suite: Any) -> Any:
-    from chatlm.evals.sandbox import SandboxLimits, run_many
-
-    limits = SandboxLimits(timeout_s=suite.sandbox_timeout_s)
-    return lambda programs: [r.passed for r in run_many(programs, limits, workers=suite.sandbox_workers)]
-
-
-def _generator(cfg: Any, loaded: LoadedModel) -> Any:
-    from chatlm.engine.padded import ToolTokens, generate_padded
-
-    suite, tok = cfg.eval, loaded.tokenizer
-    stop = [tok.encode_special("<|assistant_end|>"), tok.bos_id]
-    return lambda prompts: generate_padded(
-        loaded.model,
-        prompts,
-        tok.bos_id,
-        suite.max_new_tokens,
-        temperature=suite.temperature,
-        top_k=suite.top_k or None,
-        seed=cfg.seed,
-        stop_ids=stop,
-        tools=ToolTokens(tok),
-        batch_size=suite.batch_size,
-    )
-
-
-def batch_tokens(suite: Any, device: Any) -> int:
-    """eval.max_batch_tokens, with -1 resolved for the device: 16384 on a GPU, 2048 on a CPU, where
-    a batch beyond the cache is no faster (docs/performance.md)."""
-    if suite.max_batch_tokens > 0:
-        return int(suite.max_batch_tokens)
-    return 16384 if getattr(device, "type", str(device)) == "cuda" else 2048
-
-
 def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) -> tuple[dict, dict]:
     """(flat scores for metrics.jsonl and runs ls, details for results.json) of one task."""
     suite, model, tok = cfg.eval, loaded.model, loaded.tokenizer
-    tokens = batch_tokens(suite, run.ctx.device)
+    tokens = batch_tokens(suite.max_batch_tokens, run.ctx.device)
     if task == "bpb":
         scores = score_bpb(cfg, run, loaded)
         return scores, dict(scores)
@@ -118,19 +85,7 @@ def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) ->
             f" (missing: {', '.join(summary['core_missing'])})" if summary["core_missing"] else "",
         )
         return flat, {**summary, "tasks": {r.label: r.summary() for r in results}}
-    if task in chat.CATEGORICAL:
-        result = chat.evaluate_categorical(model, tok, task, data, suite.batch_size, tokens)
-    else:
-        result = chat.evaluate_generative(
-            model,
-            tok,
-            task,
-            data,
-            _generator(cfg, loaded),
-            suite.num_samples,
-            _sandbox_runner(suite) if task == "humaneval" else None,
-        )
-    log.info("%s: accuracy %.4f (%d examples)", task, result.accuracy, result.examples)
+    result = chat.evaluate_task(model, tok, task, data, suite, cfg.seed, tokens)
     return {task: result.accuracy}, result.summary()
 
 

@@ -43,6 +43,14 @@ class RowScore:
     cropped: bool  # the row was longer than the model's positions and lost its first tokens
 
 
+def batch_tokens(requested: int, device: Any) -> int:
+    """Tokens per forward pass: `requested`, or for -1 16384 on a GPU and 2048 on a CPU, where a
+    batch beyond the cache is no faster (docs/performance.md)."""
+    if requested > 0:
+        return int(requested)
+    return 16384 if getattr(device, "type", str(device)) == "cuda" else 2048
+
+
 def crop(row: Row, max_len: int) -> tuple[Row, bool]:
     """Keep the last max_len tokens of a row, shifting its span; (row, whether it was cropped)."""
     n = len(row.tokens) - max_len

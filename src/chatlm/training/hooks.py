@@ -108,14 +108,15 @@ class ValidationHook(Periodic):
         return {"val_bpb": self.last_bpb, "min_val_bpb": trainer.state.extra.get("min_val_bpb", math.inf)}
 
 
-class CoreHook(Periodic):
-    """CORE every `every` steps and at the end (nanochat: not at step 0), through the evaluation
-    stage's code; the score (`core`, or `core_partial` over fewer than the 22 tasks) and each
-    task's centred accuracy are logged, the last ones kept for the final metrics."""
+class EvalHook(Periodic):
+    """An evaluation every `every` steps and at the end (nanochat: not at step 0), through the
+    evaluation stage's code: CORE (`core`, or `core_partial` over fewer than its 22 tasks, and each
+    task's centred accuracy) or chat tasks (their accuracies). The scores are logged; those named
+    in `final_keys` go into the run's final metrics."""
 
-    def __init__(self, every: int, evaluate: Callable[[], dict], metrics: Any):
+    def __init__(self, every: int, evaluate: Callable[[], dict], metrics: Any, final_keys: tuple[str, ...]):
         super().__init__(every, self._evaluate)
-        self.evaluate, self.metrics = evaluate, metrics
+        self.evaluate, self.metrics, self.final_keys = evaluate, metrics, final_keys
         self.trainer: Any = None
         self.last: dict = {}
 
@@ -125,11 +126,11 @@ class CoreHook(Periodic):
     def _evaluate(self, step: int) -> None:
         self.last = self.evaluate()
         self.metrics.log(step, self.last, section="eval", context={"tokens": self.trainer.state.tokens})
-        key = "core" if "core" in self.last else "core_partial"
-        log.info("step %d | %s %.4f", step, key, self.last[key])
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in self.last.items() if k in self.final_keys)
+        log.info("step %d | %s", step, shown)
 
     def final_metrics(self, trainer: Any) -> dict:
-        return {k: v for k, v in self.last.items() if k in ("core", "core_partial")}
+        return {k: v for k, v in self.last.items() if k in self.final_keys}
 
 
 class LogHook(Hook):

@@ -38,7 +38,7 @@ from chatlm.tokenizer import Tokenizer, tokenizer_dir
 from chatlm.training.batches import RepeatBatches
 from chatlm.training.build import build_training_model, pretrain_trainer
 from chatlm.training.checkpointing import CheckpointHook, restore
-from chatlm.training.hooks import CoreHook, GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
+from chatlm.training.hooks import EvalHook, GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
 from chatlm.training.plan import Plan, describe_plan, plan_run
 
 log = logging.getLogger("chatlm")
@@ -104,7 +104,7 @@ def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) ->
     from chatlm.evals.core import evaluate_core, prepare_core
 
     bundle = cfg.core_bundle or str(Path(cfg.paths.cache_dir).expanduser() / "evals" / "core")
-    prepared = prepare_core(bundle)
+    prepared = prepare_core(bundle, key="core_bundle")
     log.info("CORE every %d steps: %d tasks from %s", cfg.core_metric_every, len(prepared), bundle)
 
     def evaluate() -> dict:
@@ -120,6 +120,24 @@ def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) ->
             )
         key = "core" if "core" in summary else "core_partial"
         return {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
+
+    return evaluate
+
+
+def _chat(cfg: TrainConfig, run: Run, tok: Tokenizer, built: Any) -> Any:
+    """The chat evals of the current weights (uncompiled, fp8 off), through the eval stage's code;
+    their data read and checked here, before the first step."""
+    from chatlm.evals import chat
+    from chatlm.evals.scoring import batch_tokens
+
+    suite = cfg.chat_eval
+    rows = {t: chat.select(chat.load_task(t, suite.data_dir), suite.max_examples) for t in suite.tasks}
+    log.info("chat evals every %d steps: %s from %s", cfg.chat_metric_every, ", ".join(suite.tasks), suite.data_dir)
+    tokens = batch_tokens(suite.max_batch_tokens, run.ctx.device)
+
+    def evaluate() -> dict:
+        with fp8_disabled(built.model) as plain:
+            return {t: chat.evaluate_task(plain, tok, t, rows[t], suite, cfg.seed, tokens).accuracy for t in rows}
 
     return evaluate
 
@@ -237,13 +255,17 @@ def _hooks(
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
     start = (resumed_at or 0) + cfg.profile_start
     profiler = StepProfiler(run.path, ctx.rank, start, cfg.profile_steps, device)
-    core_hook = []
+    evals = []
     if cfg.core_metric_every > 0:
-        core_hook = [CoreHook(cfg.core_metric_every, _core(cfg, run, tok, plan, built), metrics)]
+        evals.append(
+            EvalHook(cfg.core_metric_every, _core(cfg, run, tok, plan, built), metrics, ("core", "core_partial"))
+        )
+    if cfg.chat_metric_every > 0:
+        evals.append(EvalHook(cfg.chat_metric_every, _chat(cfg, run, tok, built), metrics, tuple(cfg.chat_eval.tasks)))
     return [
         GCHook(),
         ValidationHook(cfg.eval_every, _val_bpb(cfg, run, tok, val_files, plan, built), metrics),
-        *core_hook,
+        *evals,
         Periodic(cfg.sample_every, SampleWriter(run, tok, built.model)),
         checkpoint,
         LogHook(
