@@ -98,91 +98,72 @@ def _credits(task, data, per_example, scores):
     return out
 
 
+def _timed(fn, device):
+    """(fn(), seconds), the device synchronized on both sides."""
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _row(task, kind, examples, rows, tokens, t_one, t_many, differs, accuracy) -> dict:
+    return {
+        "task": task,
+        "kind": kind,
+        "examples": examples,
+        "rows": rows,
+        "tokens": tokens,
+        "per_example_ex_s": examples / t_one,
+        "batched_ex_s": examples / t_many,
+        "speedup": t_one / t_many,
+        "credit_differs": differs,
+        "accuracy": accuracy,
+    }
+
+
 def bench_core_task(model, tok, task, examples, args, device) -> dict:
     data, per_example = _core_rows(tok, task, examples[: args.examples])
     flat = [r for rows in per_example for r in rows]
     pad = tok.bos_id
     score_rows(model, flat[:8], pad, args.batch_size, args.max_batch_tokens)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    one = [s for rows in per_example for s in score_rows(model, rows, pad, len(rows), 10**9)]
-    _sync(device)
-    t_one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = score_rows(model, flat, pad, args.batch_size, args.max_batch_tokens)
-    _sync(device)
-    t_many = time.perf_counter() - t0
+    one, t_one = _timed(
+        lambda: [s for rows in per_example for s in score_rows(model, rows, pad, len(rows), 10**9)], device
+    )
+    many, t_many = _timed(lambda: score_rows(model, flat, pad, args.batch_size, args.max_batch_tokens), device)
     a, b = _credits(task, data, per_example, one), _credits(task, data, per_example, many)
-    return {
-        "task": task.label,
-        "kind": task.kind,
-        "examples": len(data),
-        "rows": len(flat),
-        "tokens": sum(len(r.tokens) for r in flat),
-        "per_example_ex_s": len(data) / t_one,
-        "batched_ex_s": len(data) / t_many,
-        "speedup": t_one / t_many,
-        "credit_differs": sum(x != y for x, y in zip(a, b)),
-        "accuracy": sum(b) / len(b),
-    }
+    differs = sum(x != y for x, y in zip(a, b))
+    tokens = sum(len(r.tokens) for r in flat)
+    return _row(task.label, task.kind, len(data), len(flat), tokens, t_one, t_many, differs, sum(b) / len(b))
 
 
 def bench_mmlu(model, tok, rows, args, device) -> dict:
     rows = chat.select(rows, args.examples)
     prompts = [chat.prompt_ids(tok, chat.mc_message(r["question"], r["choices"])) for r in rows]
     letters = [tok.encode(x)[0] for x in chat.LETTERS[:4]]
-    last_position_logits(model, prompts[:8], tok.bos_id, args.batch_size, args.max_batch_tokens)
-    _sync(device)
-    t0 = time.perf_counter()
-    one = [last_position_logits(model, [p], tok.bos_id, 1, 10**9)[0] for p in prompts]
-    _sync(device)
-    t_one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = last_position_logits(model, prompts, tok.bos_id, args.batch_size, args.max_batch_tokens)
-    _sync(device)
-    t_many = time.perf_counter() - t0
+    bos, b, mbt = tok.bos_id, args.batch_size, args.max_batch_tokens
+    last_position_logits(model, prompts[:8], bos, b, mbt)  # warm-up
+    one, t_one = _timed(lambda: [last_position_logits(model, [p], bos, 1, 10**9)[0] for p in prompts], device)
+    many, t_many = _timed(lambda: last_position_logits(model, prompts, bos, b, mbt), device)
     pick = [[int(x[letters].argmax()) for x in group] for group in (one, many)]
-    return {
-        "task": "mmlu",
-        "kind": "categorical",
-        "examples": len(rows),
-        "rows": len(rows),
-        "tokens": sum(map(len, prompts)),
-        "per_example_ex_s": len(rows) / t_one,
-        "batched_ex_s": len(rows) / t_many,
-        "speedup": t_one / t_many,
-        "credit_differs": sum(x != y for x, y in zip(*pick)),
-        "accuracy": sum(p == int(r["answer"]) for p, r in zip(pick[1], rows)) / len(rows),
-    }
+    differs = sum(x != y for x, y in zip(*pick))
+    accuracy = sum(p == int(r["answer"]) for p, r in zip(pick[1], rows)) / len(rows)
+    return _row("mmlu", "categorical", len(rows), len(rows), sum(map(len, prompts)), t_one, t_many, differs, accuracy)
 
 
 def bench_generation(model, tok, rows, args, device) -> dict:
     """GSM8K prompts, greedy, args.new_tokens each: one prompt at a time vs padded batches."""
     rows = chat.select(rows, args.gen_examples)
     prompts = [chat.prompt_ids(tok, r["question"]) for r in rows]
-    n = args.new_tokens
-    generate_padded(model, prompts[:2], tok.bos_id, 4, batch_size=2)  # warm-up
-    _sync(device)
-    t0 = time.perf_counter()
-    one = [generate_padded(model, [p], tok.bos_id, n, batch_size=1)[0] for p in prompts]
-    _sync(device)
-    t_one = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = generate_padded(model, prompts, tok.bos_id, n, batch_size=args.gen_batch)
-    _sync(device)
-    t_many = time.perf_counter() - t0
-    return {
-        "task": "gsm8k_generation",
-        "kind": f"greedy {n} tokens",
-        "examples": len(rows),
-        "rows": len(rows),
-        "tokens": sum(map(len, many)),
-        "per_example_ex_s": len(rows) / t_one,
-        "batched_ex_s": len(rows) / t_many,
-        "speedup": t_one / t_many,
-        "credit_differs": sum(a != b for a, b in zip(one, many)),
-        "accuracy": float("nan"),
-    }
+    n, bos = args.new_tokens, tok.bos_id
+    generate_padded(model, prompts[:2], bos, 4, batch_size=2)  # warm-up
+    one, t_one = _timed(lambda: [generate_padded(model, [p], bos, n, batch_size=1)[0] for p in prompts], device)
+    many, t_many = _timed(lambda: generate_padded(model, prompts, bos, n, batch_size=args.gen_batch), device)
+    differs = sum(a != b for a, b in zip(one, many))
+    tokens = sum(map(len, many))
+    return _row(
+        "gsm8k_generation", f"greedy {n} tokens", len(rows), len(rows), tokens, t_one, t_many, differs, float("nan")
+    )
 
 
 def main() -> None:
