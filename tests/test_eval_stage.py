@@ -129,7 +129,8 @@ def test_core_and_chat_suites_end_to_end(trained):
 
     info = RunInfo(run, load_record(run))
     assert info.final_metrics["arc_easy"] == scores["arc_easy"] and "val_bpb" in info.final_metrics
-    assert info.metrics()[-1] == {"step": 5, **scores}
+    last = info.metrics()[-1]
+    assert {k: last[k] for k in scores} == scores and last["step"] == 5 and last["tokens"] == 5 * 512
     show = subprocess.run(
         [sys.executable, "-m", "chatlm.cli", "runs", "show", str(run)], capture_output=True, text=True, env=env
     )
@@ -250,3 +251,32 @@ def test_chat_eval_in_training_refuses_non_chat_tasks(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "chat_eval.tasks: ['core'] are not chat tasks" in r.stderr, r.stderr[-2000:]
+
+
+def test_runs_prefer_a_later_evaluation_of_the_final_checkpoint(tmp_path):
+    """runs ls/compare: `chatlm.eval` of the final checkpoint wins over the in-training value of
+    the same key; an earlier step's evaluation only adds a curve point, at its step's tokens."""
+    from chatlm.runs.index import RunInfo
+
+    run = tmp_path / "run"
+    (run / "evals" / "step_001000").mkdir(parents=True)
+    (run / "evals" / "step_000500").mkdir(parents=True)
+    rows = [{"step": 500, "tokens": 5000, "train_time_s": 50.0}, {"step": 1000, "tokens": 10000, "train_time_s": 99.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def result(step, **scores):
+        return json.dumps({"complete": True, "evaluated": {"step": step}, "scores": scores})
+
+    (run / "evals" / "step_001000" / "e.json").write_text(result(1000, core=0.12, mmlu=0.3))
+    (run / "evals" / "step_000500" / "e.json").write_text(result(500, core=0.05))
+    partial = {"complete": False, "evaluated": {"step": 1000}, "scores": {"core": 0.9}}
+    (run / "evals" / "step_001000" / "p.json").write_text(json.dumps(partial))
+    info = RunInfo(run, {"final_metrics": {"steps": 1000, "core": 0.10, "val_bpb": 0.9}})
+    assert info.final_metrics == {"steps": 1000, "core": 0.12, "mmlu": 0.3, "val_bpb": 0.9}
+    evals = [r for r in info.metrics() if "core" in r]
+    assert evals == [
+        {"step": 500, "tokens": 5000, "train_time_s": 50.0, "core": 0.05},
+        {"step": 1000, "tokens": 10000, "train_time_s": 99.0, "core": 0.12, "mmlu": 0.3},
+    ]
+    stale = RunInfo(run, {"final_metrics": {"steps": 2000, "core": 0.10}})
+    assert stale.final_metrics["core"] == 0.10  # no evaluation of step 2000: the run's own value

@@ -44,13 +44,21 @@ class TableModel(torch.nn.Module):
         return logits
 
 
-@pytest.fixture(scope="session")
-def tok():
+def make_tok():
     return train_tokenizer(make_corpus(), TokenizerConfig(name="evals512", vocab_size=512))
 
 
 @pytest.fixture(scope="session")
+def tok():
+    return make_tok()
+
+
+@pytest.fixture(scope="session")
 def gpt(tok):
+    return make_gpt(tok)
+
+
+def make_gpt(tok):
     """A tiny GPT off its init point (so losses differ), fp32 on CPU."""
     torch.manual_seed(0)
     cfg = ModelConfig(name="tiny", depth=2, aspect_ratio=32, head_dim=32, sequence_len=256, window_round=32)

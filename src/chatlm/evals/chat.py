@@ -162,6 +162,18 @@ class ChatResult:
     examples: int
     per_example: list[float] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    passes: list[int] = field(default_factory=list)  # generative: samples that passed, per example
+    samples: int = 0  # generative: samples per example (0: categorical)
+
+    @classmethod
+    def of(cls, task: str, credit: list[float], passes: list[int], samples: int) -> ChatResult:
+        """Accuracy (and pass@k for k = 1..samples when generative) from per-example results."""
+        n = len(credit)
+        accuracy = sum(credit) / n if n else float("nan")
+        extra = {}
+        if samples and n:
+            extra = {f"pass@{k}": sum(pass_at_k(samples, c, k) for c in passes) / n for k in range(1, samples + 1)}
+        return cls(task, accuracy, n, list(credit), extra, list(passes), samples)
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "examples": self.examples, **self.extra}
@@ -184,7 +196,7 @@ def evaluate_categorical(
         allowed = letter_ids[: len(row["choices"])]
         # the highest letter logit wins; ties share the credit, as CORE's lowest losses do
         credit.append(tie_credit([-float(x) for x in lg[allowed]], int(row["answer"])))
-    return ChatResult(task, sum(credit) / len(rows), len(rows), credit)
+    return ChatResult.of(task, credit, [], 0)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -228,11 +240,7 @@ def evaluate_generative(
         ]
     per_row = [passed[i * num_samples : (i + 1) * num_samples] for i in range(len(rows))]
     credit = [1.0 if any(p) else 0.0 for p in per_row]
-    extra = {
-        f"pass@{k}": sum(pass_at_k(num_samples, sum(p), k) for p in per_row) / len(rows)
-        for k in range(1, num_samples + 1)
-    }
-    return ChatResult(task, sum(credit) / len(rows), len(rows), credit, extra)
+    return ChatResult.of(task, credit, [sum(p) for p in per_row], num_samples)
 
 
 def generator_for(model: Any, tok: Any, suite: Any, seed: int) -> Callable[[list[list[int]]], list[list[int]]]:
@@ -264,16 +272,30 @@ def sandbox_for(suite: Any) -> Callable[[list[str]], list[bool]]:
 
 
 def evaluate_task(
-    model: Any, tok: Any, task: str, rows: Sequence[dict], suite: Any, seed: int, tokens: int
+    model: Any, tok: Any, task: str, rows: Sequence[dict], suite: Any, seed: int, tokens: int, ctx: Any = None
 ) -> ChatResult:
     """One chat task with a suite's settings (`EvalSuiteConfig`): the eval stage and training
-    both score through here."""
-    if task in CATEGORICAL:
-        result = evaluate_categorical(model, tok, task, rows, suite.batch_size, tokens)
+    both score through here. With several ranks each scores every world_size-th example and the
+    per-example results are gathered, so every rank returns the whole task's result."""
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    mine = list(rows[rank::world])
+    samples = 0 if task in CATEGORICAL else suite.num_samples
+    if not mine:
+        result = ChatResult.of(task, [], [], samples)
+    elif task in CATEGORICAL:
+        result = evaluate_categorical(model, tok, task, mine, suite.batch_size, tokens)
     else:
         run_programs = sandbox_for(suite) if task == "humaneval" else None
-        generate = generator_for(model, tok, suite, seed)
-        result = evaluate_generative(model, tok, task, rows, generate, suite.num_samples, run_programs)
+        generate = generator_for(model, tok, suite, seed + rank)
+        result = evaluate_generative(model, tok, task, mine, generate, suite.num_samples, run_programs)
+    if world > 1:
+        credit, passes = [0.0] * len(rows), [0] * len(rows)
+        for r, (c, p) in enumerate(ctx.all_gather_object((result.per_example, result.passes))):
+            for j, value in enumerate(c):
+                credit[r + j * world] = value
+            for j, value in enumerate(p):
+                passes[r + j * world] = value
+        result = ChatResult.of(task, credit, passes if samples else [], samples)
     log.info("%s: accuracy %.4f (%d examples)", task, result.accuracy, result.examples)
     return result
 

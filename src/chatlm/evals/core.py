@@ -258,8 +258,11 @@ def evaluate_task(
             credit[i] = 1.0 if scores[a].greedy_match else 0.0
         else:
             credit[i] = tie_credit([s.mean_loss for s in scores[a:b]], int(data[i]["gold"]))
+    cropped = sum(s.cropped for s in scores)
     if world_size > 1:  # every rank filled its own examples; the others are 0
-        credit = [sum(c) for c in zip(*ctx.all_gather_object(credit))]
+        parts = ctx.all_gather_object((credit, cropped))
+        credit = [sum(c) for c in zip(*(p[0] for p in parts))]
+        cropped = sum(p[1] for p in parts)
     accuracy = sum(credit) / len(data)
     return TaskResult(
         task.label,
@@ -267,7 +270,7 @@ def evaluate_task(
         centered(accuracy, task.baseline),
         len(data),
         credit,
-        cropped=sum(s.cropped for s in scores),
+        cropped=cropped,
     )
 
 

@@ -36,12 +36,10 @@ def _val_files(cfg: Any, run: Any) -> list:
     return val_sets(prepare_sources(cfg.data, cfg.paths, run.ctx), cfg.data)
 
 
-def score_bpb(cfg: Any, run: Any, loaded: LoadedModel) -> dict:
+def score_bpb(cfg: Any, run: Any, loaded: LoadedModel, val_files: list) -> dict:
     model, tok = loaded.model, loaded.tokenizer
     T = model.dims.sequence_len
-    bpb = ValidationBpb(
-        _val_files(cfg, run), tok, cfg.hardware.device_batch_size, T, cfg.eval_tokens, cfg.data, run.ctx
-    )
+    bpb = ValidationBpb(val_files, tok, cfg.hardware.device_batch_size, T, cfg.eval_tokens, cfg.data, run.ctx)
     value = bpb(model)
     log.info(
         "val bpb %.4f (%d tokens on this rank, batch %d x %d)",
@@ -53,14 +51,16 @@ def score_bpb(cfg: Any, run: Any, loaded: LoadedModel) -> dict:
     return {"val_bpb": value, "val_tokens_per_rank": bpb.tokens_scored}
 
 
-def _prepare(cfg: Any) -> dict[str, Any]:
+def _prepare(cfg: Any, run: Any) -> dict[str, Any]:
     """Each task's data, loaded and checked up front (a missing fetch fails here, not after hours)."""
     suite = cfg.eval
     prepared: dict[str, Any] = {}
     for task in suite.tasks:
         if task == "core":
             prepared[task] = core.prepare_core(suite.core_bundle or Path(suite.data_dir) / "core", suite.core_tasks)
-        elif task != "bpb":
+        elif task == "bpb":
+            prepared[task] = _val_files(cfg, run)
+        else:
             prepared[task] = chat.select(chat.load_task(task, suite.data_dir), suite.max_examples)
     return prepared
 
@@ -70,7 +70,7 @@ def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) ->
     suite, model, tok = cfg.eval, loaded.model, loaded.tokenizer
     tokens = batch_tokens(suite.max_batch_tokens, run.ctx.device)
     if task == "bpb":
-        scores = score_bpb(cfg, run, loaded)
+        scores = score_bpb(cfg, run, loaded, data)
         return scores, dict(scores)
     if task == "core":
         summary, results = core.evaluate_core(model, tok, data, suite.max_examples, suite.batch_size, tokens, run.ctx)
@@ -85,7 +85,7 @@ def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) ->
             f" (missing: {', '.join(summary['core_missing'])})" if summary["core_missing"] else "",
         )
         return flat, {**summary, "tasks": {r.label: r.summary() for r in results}}
-    result = chat.evaluate_task(model, tok, task, data, suite, cfg.seed, tokens)
+    result = chat.evaluate_task(model, tok, task, data, suite, cfg.seed, tokens, run.ctx)
     return {task: result.accuracy}, result.summary()
 
 
@@ -128,7 +128,7 @@ def evaluate(cfg: Any, run: Any) -> dict:
     """The eval stage's body: check the task data, load the checkpoint, score each task, record
     and write the results."""
     ctx, suite = run.ctx, cfg.eval
-    prepared = _prepare(cfg)
+    prepared = _prepare(cfg, run)
     backend = select_inference_backend(ctx.device, run.policy.compute_dtype)  # shapes change batch to batch
     loaded = load_model(
         cfg.ckpt, device=ctx.device, dtype=run.policy.compute_dtype, tokenizer_dir=cfg.tokenizer_dir, backend=backend

@@ -63,6 +63,18 @@ def parse_since(text: str, now: Optional[dt.datetime] = None) -> dt.datetime:
     return value if value.tzinfo else value.astimezone()
 
 
+def _position(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """tokens and train_time_s at `step` (from the last metrics row at or before it), so an eval
+    score plots against tokens or time like the training curves."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        if isinstance(row.get("step"), int) and row["step"] <= step:
+            for key in ("tokens", "train_time_s"):
+                if key in row:
+                    out[key] = row[key]
+    return out
+
+
 @dataclass
 class RunInfo:
     """One run directory, as read from its run.json and config.resolved.yaml."""
@@ -108,14 +120,18 @@ class RunInfo:
 
     @property
     def final_metrics(self) -> dict[str, Any]:
-        """run.json's final metrics, plus the scores of the evaluations of its last evaluated
-        checkpoint (`evals/step_<N>/*.json`, written by `chatlm.eval`) under keys it lacks."""
+        """run.json's final metrics, updated with the scores of `chatlm.eval` runs of the final
+        checkpoint (`evals/step_<N>/*.json` at N = the run's last step): an evaluation the user ran
+        afterwards wins over the in-training value of the same key (often on fewer examples).
+        A run without a recorded last step takes its newest evaluated step."""
         value = self.record.get("final_metrics")
         final = dict(value) if isinstance(value, dict) else {}
         scores = self.eval_scores()
-        if scores:
-            for key, v in scores[max(scores)].items():
-                final.setdefault(key, v)
+        last = final.get("steps")
+        if isinstance(last, int) and last in scores:
+            final.update(scores[last])
+        elif scores and not isinstance(last, int):
+            final.update(scores[max(scores)])
         return final
 
     def eval_scores(self) -> dict[int, dict[str, Any]]:
@@ -167,8 +183,10 @@ class RunInfo:
         """The rows of metrics.jsonl (torn/invalid lines skipped; empty if the file is missing),
         then one row per evaluated step with its eval scores, so curves of `core` or `gsm8k` plot."""
         if self._metrics is None:
-            self._metrics = list(read_metrics(self.path / "metrics.jsonl"))
-            self._metrics += [{"step": step, **scores} for step, scores in sorted(self.eval_scores().items())]
+            rows = list(read_metrics(self.path / "metrics.jsonl"))
+            self._metrics = rows + [
+                {"step": step, **_position(rows, step), **scores} for step, scores in sorted(self.eval_scores().items())
+            ]
         return self._metrics
 
     def last_write(self) -> float:

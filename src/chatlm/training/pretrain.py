@@ -137,7 +137,9 @@ def _chat(cfg: TrainConfig, run: Run, tok: Tokenizer, built: Any) -> Any:
 
     def evaluate() -> dict:
         with fp8_disabled(built.model) as plain:
-            return {t: chat.evaluate_task(plain, tok, t, rows[t], suite, cfg.seed, tokens).accuracy for t in rows}
+            return {
+                t: chat.evaluate_task(plain, tok, t, rows[t], suite, cfg.seed, tokens, run.ctx).accuracy for t in rows
+            }
 
     return evaluate
 
