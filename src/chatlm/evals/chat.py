@@ -67,6 +67,11 @@ def load_task(name: str, data_dir: str | Path) -> list[dict]:
     return read_records(path, _FIELDS[name], f"a {name} row")
 
 
+def prepare_task(name: str, data_dir: str | Path, max_examples: int) -> list[dict]:
+    """A chat task's rows in nanochat's order, the first max_examples (-1: all), read and checked."""
+    return select(load_task(name, data_dir), max_examples)
+
+
 def select(rows: Sequence[dict], max_examples: int) -> list[dict]:
     """nanochat's order (numpy default_rng(42) permutation), the first max_examples (-1: all)."""
     order = np.random.default_rng(SHUFFLE_SEED).permutation(len(rows))

@@ -283,6 +283,12 @@ def core_summary(results: Sequence[TaskResult]) -> dict:
     return {key: value, "core_tasks": labels, "core_missing": missing}
 
 
+def flat_scores(summary: dict, results: Sequence[TaskResult]) -> dict:
+    """The metrics row of a CORE evaluation: `core` (or `core_partial`) and `core/<task>` (centred)."""
+    key = "core" if "core" in summary else "core_partial"
+    return {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
+
+
 def prepare_core(
     bundle: str | Path, only: Sequence[str] = (), key: str = "eval.core_bundle"
 ) -> list[tuple[CoreTask, list[dict]]]:

@@ -61,7 +61,7 @@ def _prepare(cfg: Any, run: Any) -> dict[str, Any]:
         elif task == "bpb":
             prepared[task] = _val_files(cfg, run)
         else:
-            prepared[task] = chat.select(chat.load_task(task, suite.data_dir), suite.max_examples)
+            prepared[task] = chat.prepare_task(task, suite.data_dir, suite.max_examples)
     return prepared
 
 
@@ -74,8 +74,8 @@ def score_task(cfg: Any, run: Any, loaded: LoadedModel, task: str, data: Any) ->
         return scores, dict(scores)
     if task == "core":
         summary, results = core.evaluate_core(model, tok, data, suite.max_examples, suite.batch_size, tokens, run.ctx)
+        flat = core.flat_scores(summary, results)
         key = "core" if "core" in summary else "core_partial"
-        flat = {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
         log.info(
             "%s %.4f over %d of %d tasks%s",
             key,

@@ -85,6 +85,7 @@ class RunInfo:
     derived: dict[str, Any] = field(default_factory=dict)
     stale: bool = False  # says "running" but nothing was written for STALE_AFTER_S
     _metrics: Optional[list[dict[str, Any]]] = field(default=None, repr=False)
+    _eval_scores: Optional[dict[int, dict[str, Any]]] = field(default=None, repr=False)
 
     @property
     def stage(self) -> str:
@@ -135,7 +136,13 @@ class RunInfo:
         return final
 
     def eval_scores(self) -> dict[int, dict[str, Any]]:
-        """step -> scores of the completed evaluations copied into this run (later files win)."""
+        """step -> scores of the completed evaluations copied into this run (later files win);
+        read once per RunInfo (final_metrics is asked for once per table column)."""
+        if self._eval_scores is None:
+            self._eval_scores = self._read_eval_scores()
+        return self._eval_scores
+
+    def _read_eval_scores(self) -> dict[int, dict[str, Any]]:
         out: dict[int, dict[str, Any]] = {}
         for path in sorted(self.path.glob("evals/step_*/*.json"), key=lambda p: (p.parent.name, p.stat().st_mtime)):
             try:

@@ -95,13 +95,11 @@ def _val_bpb(cfg: TrainConfig, run: Run, tok: Tokenizer, val_files: list, plan: 
     return plain_bpb
 
 
-EVAL_BATCH_TOKENS = 16384  # CORE in training: tokens per forward pass at most (the eval stage's GPU default)
-
-
 def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) -> Any:
     """CORE of the current weights (uncompiled, fp8 off): the eval stage's code and its data, read
     and checked here, before the first step."""
-    from chatlm.evals.core import evaluate_core, prepare_core
+    from chatlm.evals.core import evaluate_core, flat_scores, prepare_core
+    from chatlm.evals.scoring import batch_tokens
 
     bundle = cfg.core_bundle or str(Path(cfg.paths.cache_dir).expanduser() / "evals" / "core")
     prepared = prepare_core(bundle, key="core_bundle")
@@ -115,11 +113,10 @@ def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) ->
                 prepared,
                 cfg.core_metric_max_per_task,
                 batch_size=plan.device_batch_size,
-                max_batch_tokens=min(plan.device_batch_size * plan.seq_len, EVAL_BATCH_TOKENS),
+                max_batch_tokens=batch_tokens(-1, run.ctx.device),
                 ctx=run.ctx,
             )
-        key = "core" if "core" in summary else "core_partial"
-        return {key: summary[key], **{f"core/{r.label}": r.centered for r in results}}
+        return flat_scores(summary, results)
 
     return evaluate
 
@@ -131,7 +128,7 @@ def _chat(cfg: TrainConfig, run: Run, tok: Tokenizer, built: Any) -> Any:
     from chatlm.evals.scoring import batch_tokens
 
     suite = cfg.chat_eval
-    rows = {t: chat.select(chat.load_task(t, suite.data_dir), suite.max_examples) for t in suite.tasks}
+    rows = {t: chat.prepare_task(t, suite.data_dir, suite.max_examples) for t in suite.tasks}
     log.info("chat evals every %d steps: %s from %s", cfg.chat_metric_every, ", ".join(suite.tasks), suite.data_dir)
     tokens = batch_tokens(suite.max_batch_tokens, run.ctx.device)
 
