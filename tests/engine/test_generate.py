@@ -138,20 +138,3 @@ def test_sample_prompts_are_nanochats():
 def test_rejects_empty_prompt():
     with pytest.raises(ValueError):
         generate(make_model(), [[1, 2], []], 3)
-
-
-def test_short_samples_use_sdpa_inside_the_smallest_window():
-    from chatlm.engine.generate import short_context_backend
-
-    model = make_model()
-    model.attention_backend = "flex"  # what a GPU run trains with
-    seen = []
-    with short_context_backend(model, 32):  # fits in the 32-token window: windows change nothing
-        seen.append(model.attention_backend)
-    with short_context_backend(model, 33):  # runs past it: keep the windowed kernel
-        seen.append(model.attention_backend)
-    assert seen == ["sdpa", "flex"] and model.attention_backend == "flex"
-    with pytest.raises(RuntimeError):
-        with short_context_backend(model, 8):
-            raise RuntimeError("generation failed")
-    assert model.attention_backend == "flex"  # restored on errors too

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from chatlm.data.shards import DataError
-from chatlm.engine.padded import ToolTokens, generate_padded
-from chatlm.engine.tools import calculate
+from chatlm.engine.padded import generate_padded
+from chatlm.engine.tools import ToolTokens, calculate
 from chatlm.evals import chat
 from chatlm.evals.errors import EvalDataMissing
 from tests.evals.conftest import FIXTURES, TableModel

@@ -8,9 +8,7 @@ import torch
 
 from chatlm.config import AttentionBackend, ConfigError
 from chatlm.model.attention import (
-    KVCache,
     backend_unavailable_reason,
-    cached_attention,
     causal_attention,
     prepare_backend,
     select_backend,
@@ -105,27 +103,6 @@ def test_queries_are_the_last_positions(backend, window):
     torch.testing.assert_close(y.double(), reference_attention(q, k, v, window), atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("window", [3, 64])
-def test_chunked_prefill_and_decode_with_cache(backend, window):
-    """Chunks 6 + 5, then 5 single-token steps equal one full pass, position by position."""
-    B, T, H, Hkv, D = 2, 16, 4, 2, 8
-    q, k, v = _qkv(B, T, T, H, Hkv, D, seed=2)
-    full = reference_attention(q, k, v, window)
-    cache = KVCache(n_layer=2, batch_size=B, max_len=20, n_kv_head=Hkv, head_dim=D, dtype=torch.float32, device="cpu")
-    outs = []
-    for t0, t1 in [(0, 6), (6, 11)] + [(t, t + 1) for t in range(11, T)]:
-        y = cached_attention(q[:, t0:t1], k[:, t0:t1], v[:, t0:t1], cache, 1, window=window, backend=backend)
-        assert y.shape == (B, t1 - t0, H, D)
-        cache.advance(t1 - t0)
-        outs.append(y)
-    assert cache.pos == T
-    torch.testing.assert_close(torch.cat(outs, 1).double(), full, atol=2e-5, rtol=1e-4)
-    # the cache holds exactly the keys written (layer 1), and layer 0 was untouched
-    torch.testing.assert_close(cache.k[1, :, :T], k)
-    assert cache.k[0].abs().sum().item() == 0.0
-
-
 def test_decode_slices_to_window():
     """Tq == 1 uses only the last window+1 keys: changing older keys must not change the output."""
     q, k, v = _qkv(1, 1, 12, 2, 2, 8, seed=3)
@@ -136,24 +113,6 @@ def test_decode_slices_to_window():
     y2 = causal_attention(q, k2, v2, window=4, backend="sdpa")
     torch.testing.assert_close(y1, y2)
     torch.testing.assert_close(y1.double(), reference_attention(q, k, v, 4), atol=2e-5, rtol=1e-4)
-
-
-def test_kv_cache_basics():
-    c = KVCache(3, 1, 8, 2, 4, torch.bfloat16, "cpu")
-    assert c.k.shape == (3, 1, 8, 2, 4) and c.k.dtype == torch.bfloat16 and c.pos == 0
-    k = torch.ones(1, 5, 2, 4)
-    kk, vv = c.write(0, k, 2 * k)
-    assert kk.shape == (1, 5, 2, 4) and vv.dtype == torch.bfloat16 and vv[0, 0, 0, 0].item() == 2.0
-    c.advance(5)
-    c.prev_embedding = torch.full((1, 1, 16), 7.0)
-    with pytest.raises(RuntimeError):
-        c.write(0, torch.ones(1, 4, 2, 4), torch.ones(1, 4, 2, 4))
-    wide = KVCache(3, 4, 12, 2, 4, torch.bfloat16, "cpu")
-    wide.prefill_from(c)
-    assert wide.pos == 5 and wide.prev_embedding.shape == (4, 1, 16)
-    assert wide.k[0, :, :5].eq(1).all() and wide.k[0, :, 5:].eq(0).all() and wide.k[1:].eq(0).all()
-    c.reset()
-    assert c.pos == 0 and c.prev_embedding is None
 
 
 def test_select_backend_cpu():
@@ -180,3 +139,28 @@ def test_bad_shapes_rejected():
     q, k, v = _qkv(1, 4, 4, 4, 4, 8)
     with pytest.raises(ValueError):
         causal_attention(q, k, v, window=8, backend="nope")
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_single_query_attention_equals_masked_sdpa(heads, kv_heads):
+    from chatlm.model.attention import single_query_attention
+
+    g = torch.Generator().manual_seed(3)
+    n, S, D = 3, 11, 8
+    q = torch.randn(n, 1, heads, D, generator=g)
+    keys = torch.randn(n, kv_heads, S, D, generator=g)
+    values = torch.randn(n, kv_heads, S, D, generator=g)
+    visible = torch.arange(S)[None, :] <= torch.tensor([0, 5, 10])[:, None]  # one, six, all keys
+    bias = torch.zeros(n, 1, 1, S).masked_fill(~visible.view(n, 1, 1, S), float("-inf"))
+    got = single_query_attention(q, keys, values, bias)
+    group = heads // kv_heads
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        keys.repeat_interleave(group, dim=1),
+        values.repeat_interleave(group, dim=1),
+        attn_mask=visible.view(n, 1, 1, S),
+    ).transpose(1, 2)
+    assert got.shape == (n, 1, heads, D)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # the first sequence sees only key 0, so its output is exactly value 0 of its kv head
+    torch.testing.assert_close(got[0, 0, 0], values[0, 0, 0])

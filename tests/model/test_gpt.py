@@ -140,28 +140,38 @@ def test_loss_at_init_is_ln_vocab_and_training_overfits():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def _greedy_matches_full_forward(model: GPT, prompt_chunks, steps=8):
-    """Prefill (possibly in chunks), then decode greedily; compare each step to a full re-forward."""
-    B = prompt_chunks[0].size(0)
-    cache = model.new_kv_cache(B, model.dims.sequence_len)
-    seq = torch.cat(prompt_chunks, dim=1)
+def _greedy_matches_full_forward(model: GPT, prompt: torch.Tensor, steps=8, lengths=None):
+    """Prefill the engine's cache with the rows of `prompt` (row b cut to lengths[b]), then decode
+    greedily; every step's logits must equal a full re-forward of the row's sequence."""
+    from chatlm.engine.kv_cache import DecodeView, PrefillView, SlotCache
+
+    B = prompt.size(0)
+    lengths = lengths or [prompt.size(1)] * B
+    cache = SlotCache(model, B, model.dims.sequence_len)
+    seqs = [prompt[b, : lengths[b]].tolist() for b in range(B)]
     with torch.no_grad():
-        for chunk in prompt_chunks:
-            logits = model(chunk, kv_cache=cache)
-        assert cache.pos == seq.size(1)
-        torch.testing.assert_close(logits, model(seq)[:, -chunk.size(1) :], atol=1e-4, rtol=1e-4)
+        view = PrefillView(cache, list(range(B)), lengths)
+        logits = model(prompt, kv_cache=view)
+        assert cache.pos.tolist() == lengths
+        last = logits[torch.arange(B), torch.tensor(lengths) - 1]
+        for b in range(B):
+            torch.testing.assert_close(last[b], model(torch.tensor([seqs[b]]))[0, -1], atol=1e-4, rtol=1e-4)
+        cache.active[:] = True
         for _ in range(steps):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], dim=1)
-            logits = model(nxt, kv_cache=cache)
-            assert logits.shape == (B, 1, VOCAB)
-            torch.testing.assert_close(logits[:, -1], model(seq)[:, -1], atol=1e-4, rtol=1e-4)
-    return seq
+            nxt = last.argmax(-1)
+            for b in range(B):
+                seqs[b].append(int(nxt[b]))
+            out = model(nxt.view(B, 1), kv_cache=DecodeView(cache, B, cache.max_len))
+            assert out.shape == (B, 1, VOCAB)
+            last = out[:, 0]
+            for b in range(B):
+                torch.testing.assert_close(last[b], model(torch.tensor([seqs[b]]))[0, -1], atol=1e-4, rtol=1e-4)
+    return seqs
 
 
 @pytest.mark.parametrize("backend,kernels", [("sdpa", "plain"), ("flex", "plain"), ("sdpa", "fused")])
 def test_kv_cache_greedy_decoding_reproduces_full_forward(backend, kernels):
-    # kernels=fused: the one q|k|v matmul and the qkv_rope op (its PyTorch path here) while decoding
+    # kernels=fused: the one q|k|v matmul and the qkv_rope op (its PyTorch path here) in prefill
     cfg = tiny_config(qkv_matmul=kernels if kernels == "fused" else "separate", rope_kernel=kernels)
     model = perturb(make_model(cfg, backend=backend)).eval()
     assert model.blocks[0].attn.fused_prologue(torch.zeros(1)) == (kernels == "fused")
@@ -177,14 +187,14 @@ def test_kv_cache_greedy_decoding_reproduces_full_forward(backend, kernels):
     prompt = torch.randint(0, VOCAB, (2, 13), generator=g)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        seq = _greedy_matches_full_forward(model, [prompt], steps=10)  # crosses the window of 8
-        assert seq.shape == (2, 23)
-        # chunked prefill: smear and the cache must carry across the chunk boundary
-        seq2 = _greedy_matches_full_forward(model, [prompt[:, :5], prompt[:, 5:]], steps=4)
-        assert torch.equal(seq2, seq[:, :17])
+        seqs = _greedy_matches_full_forward(model, prompt, steps=10)  # crosses the window of 8
+        assert [len(s) for s in seqs] == [23, 23]
+        # rows of different lengths in one prefill (right-padded), then decoding at different positions
+        ragged = _greedy_matches_full_forward(model, prompt, steps=6, lengths=[13, 4])
+        assert ragged[0] == seqs[0][:19]
         # batch 1: every decoding step is a single token (B * T = 1)
-        seq1 = _greedy_matches_full_forward(model, [prompt[:1]], steps=3)
-        assert torch.equal(seq1, seq[:1, :16])
+        one = _greedy_matches_full_forward(model, prompt[:1], steps=3)
+        assert one[0] == seqs[0][:16]
 
 
 def test_smear_and_backout_change_the_output():
@@ -200,20 +210,6 @@ def test_smear_and_backout_change_the_output():
     with torch.no_grad():
         model.backout_lambda.zero_()
     assert (model(idx) - no_smear).abs().max().item() > 1e-3
-
-
-def test_prefill_from_batch1_cache():
-    model = perturb(make_model()).eval()
-    prompt = torch.randint(0, VOCAB, (1, 9))
-    with torch.no_grad():
-        small = model.new_kv_cache(1, 9)
-        model(prompt, kv_cache=small)
-        wide = model.new_kv_cache(3, 20)
-        wide.prefill_from(small)
-        nxt = torch.tensor([[5], [6], [7]])
-        out = model(nxt, kv_cache=wide)
-        full = model(torch.cat([prompt.expand(3, -1), nxt], 1))[:, -1:]
-    torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_forward_close_to_fp32_and_disabled_features():

@@ -1,4 +1,4 @@
-"""`python -m chatlm.bench task=train|attention|loss ...`: run the task, print its table, write bench.json.
+"""`python -m chatlm.bench task=train|attention|loss|inference ...`: run the task, print its table, write bench.json.
 
 The Hydra edge is `chatlm/bench/__main__.py`; `bench(cfg, run)` is the stage body."""
 
@@ -139,6 +139,36 @@ def loss_rows(r: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+INFERENCE_HEADER = (
+    "mode",
+    "batch",
+    "TTFT ms",
+    "prefill tok/s",
+    "decode tok/s",
+    "per seq",
+    "step ms",
+    "of bound",
+    "peak GiB",
+)
+
+
+def inference_rows(r: dict) -> list[tuple[str, ...]]:
+    return [
+        (
+            e["mode"],
+            str(e["batch"]),
+            _fmt(e["ttft_ms"], 1, 1),
+            _fmt(e["prefill_tok_per_s"], 1, 0),
+            _fmt(e["decode_tok_per_s"], 1, 0),
+            _fmt(e["decode_tok_per_s_per_seq"], 1, 0),
+            _fmt(e["median_step_ms"], 1, 2),
+            _fmt(e["fraction_of_bound"], 100, 0, " %"),
+            _fmt(e["peak_mem_gib"], 1, 2),
+        )
+        for e in r["results"]
+    ]
+
+
 def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -150,6 +180,20 @@ def print_table(result: dict) -> None:
         table.add_column("")
         for row in train_rows(result):
             table.add_row(*row)
+    elif result["task"] == "inference":
+        table = Table(
+            title=f"chatlm bench: inference, {result['model']} (d{result['depth']}, {result['dtype']}) on "
+            f"{result['device_name']}, {result['prompt_tokens']}-token prompts + {result['new_tokens']} new tokens"
+        )
+        for col in INFERENCE_HEADER:
+            table.add_column(col, justify="left" if col == "mode" else "right")
+        for row in inference_rows(result):
+            table.add_row(*row)
+        table.caption = (
+            f"weights {result['weight_bytes'] / 2**20:,.0f} MiB read per step; "
+            f"KV {result['kv_read_bytes_mid'] / 2**20:,.1f} MiB per sequence per step at mid generation; "
+            "'of bound' = decode tok/s over the memory-bandwidth bound"
+        )
     elif result["task"] == "loss":
         table = Table(
             title=f"chatlm bench: loss head, {result['model']} {result['rows']:,} rows x C={result['n_embd']} "
@@ -190,6 +234,12 @@ def summary(result: dict) -> dict:
         return {k: result[k] for k in keys if result.get(k) is not None}
     if result["task"] == "loss":
         return {f"loss_{e['variant']}_s": e["fwd_bwd_s"] for e in result["results"]}
+    if result["task"] == "inference":
+        out = {}
+        for e in result["results"]:
+            out[f"decode_tok_per_s_{e['mode']}_b{e['batch']}"] = e["decode_tok_per_s"]
+            out[f"ttft_ms_{e['mode']}_b{e['batch']}"] = e["ttft_ms"]
+        return out
     return {f"attention_{b}_s": s for b, s in result["model_attention_fwd_bwd_s"].items() if s is not None}
 
 
@@ -202,6 +252,10 @@ def bench(cfg: BenchConfig, run: Any) -> dict:
         from chatlm.bench.loss_bench import bench_loss
 
         result = bench_loss(cfg, run)
+    elif cfg.task == "inference":
+        from chatlm.bench.inference_bench import bench_inference
+
+        result = bench_inference(cfg, run)
     else:
         from chatlm.bench.attention_bench import bench_attention
 

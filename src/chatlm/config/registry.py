@@ -19,6 +19,7 @@ from chatlm.config.runtime import (
 )
 from chatlm.config.stages import (
     BenchConfig,
+    ChatConfig,
     CheckConfig,
     EvalConfig,
     EvalSuiteConfig,
@@ -51,6 +52,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
     "bench": BenchConfig,
     "eval": EvalConfig,
+    "chat": ChatConfig,
 }
 
 

@@ -32,7 +32,8 @@ from chatlm.errors import ConfigError
 LOSS_BENCH_KERNELS = ("plain", "fused", "fused_logits")
 
 #: what `python -m chatlm.bench task=...` measures
-BENCH_TASKS = ("train", "attention", "loss")
+BENCH_TASKS = ("train", "attention", "loss", "inference")
+INFER_MODES = ("graphs", "eager")
 
 
 def _at_least(value: int, low: int, key: str, what: str = "") -> None:
@@ -263,7 +264,8 @@ class BenchConfig(ModelStageConfig):
     task: str = setting(
         "train",
         "train: timed optimizer steps | attention: fwd+bwd of each attention kernel | "
-        "loss: fwd+bwd of lm_head + softcapped CE per loss kernel",
+        "loss: fwd+bwd of lm_head + softcapped CE per loss kernel | inference: the engine's prefill, decode, "
+        "time to first token and memory",
     )
     tokens: str = setting(
         "synthetic", "synthetic: random ids (no data or tokenizer needed) | data: the loader on the data group's shards"
@@ -289,6 +291,19 @@ class BenchConfig(ModelStageConfig):
     loss_iters: int = setting(20, "task=loss: timed fwd+bwd repetitions per variant (median)")
     loss_warmup: int = setting(5, "task=loss: untimed repetitions first (compile, autotune)")
     profile_steps: int = setting(0, "task=train: this many more steps under torch.profiler after the timed ones")
+    ckpt: str = setting(
+        "", "task=inference: a checkpoint (run dir or step dir) to time; empty = the model group at init"
+    )
+    infer_batch_sizes: List[int] = setting(
+        help="task=inference: sequences decoded together, one measurement each", factory=lambda: [1, 8, 32]
+    )
+    infer_prompt_tokens: int = setting(512, "task=inference: prompt length (cut to the context minus new tokens)")
+    infer_new_tokens: int = setting(256, "task=inference: tokens generated per sequence (greedy, no stop token)")
+    infer_modes: List[str] = setting(
+        help="task=inference: graphs (CUDA-graph decode steps; CUDA only) and/or eager",
+        factory=lambda: ["graphs", "eager"],
+    )
+    infer_profile: bool = setting(True, "task=inference: profile a few decode steps per mode at the largest batch")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -312,6 +327,17 @@ class BenchConfig(ModelStageConfig):
         for key in ("attn_batch_size", "loss_batch_size"):
             if getattr(self, key) != -1 and getattr(self, key) < 1:
                 raise ConfigError(key, f"must be -1 (hardware.device_batch_size) or >= 1, got {getattr(self, key)}")
+        _at_least(self.infer_prompt_tokens, 1, "infer_prompt_tokens")
+        _at_least(self.infer_new_tokens, 1, "infer_new_tokens")
+        if not self.infer_batch_sizes or min(self.infer_batch_sizes) < 1:
+            raise ConfigError(
+                "infer_batch_sizes", f"must be a non-empty list of sizes >= 1, got {self.infer_batch_sizes}"
+            )
+        bad = [m for m in self.infer_modes if m not in INFER_MODES]
+        if bad or not self.infer_modes:
+            raise ConfigError(
+                "infer_modes", f"must be a non-empty list of {', '.join(INFER_MODES)}, got {self.infer_modes}"
+            )
         bad = [b for b in self.attn_backends if b not in ("fa4", "flex", "sdpa")]
         if bad:
             raise ConfigError("attn_backends", f"unknown backend(s) {bad}; valid: fa4, flex, sdpa (empty = all)")
@@ -352,3 +378,49 @@ class EvalConfig(StageConfig):
                 "ckpt", "say what to evaluate: ckpt=<run dir | checkpoint dir>, e.g. ckpt=outputs/train/latest"
             )
         _at_least(self.eval_tokens, 1, "eval_tokens")
+
+
+CHAT_MODES = ("auto", "chat", "complete")
+
+
+@dataclass
+class ChatConfig:
+    """`python -m chatlm.chat`: talk to a checkpoint in the terminal (or answer one prompt). No run
+    directory: nothing is trained or scored."""
+
+    stage: str = setting("chat", "stage name")
+    ckpt: str = setting("", "the model: a run directory (its checkpoints/latest) or a checkpoint directory")
+    tokenizer_dir: Optional[str] = setting(None, "the tokenizer, for checkpoints that do not carry one")
+    prompt: str = setting("", 'answer this one prompt and exit (also -p "..."); empty = interactive')
+    mode: str = setting(
+        "auto",
+        "chat: the chat template (SFT/RL checkpoints) | complete: continue plain text (base models) | "
+        "auto: chat for sft/rl checkpoints, complete otherwise",
+    )
+    system: str = setting("", "a system prompt, folded into the first user message (chat mode)")
+    temperature: float = setting(0.6, "sampling temperature; 0 = greedy")
+    top_k: int = setting(50, "sample among the k most likely tokens; 0 = no limit")
+    top_p: float = setting(1.0, "nucleus sampling: the smallest set of tokens with this much probability; 1 = off")
+    max_tokens: int = setting(256, "new tokens per answer at most")
+    seed: Optional[int] = setting(None, "sampling seed of the first answer (later answers add 1 each); null = random")
+    device: str = setting("auto", "auto (CUDA if available, else CPU) | cpu | cuda | cuda:N")
+    dtype: str = setting("auto", "compute dtype: auto (bf16 on recent GPUs, fp32 on CPU) | float32 | bfloat16")
+    tools: bool = setting(True, "run the calculator when the model calls it (<|python_start|> ... <|python_end|>)")
+    tool_executor: str = setting(
+        "calculator", "calculator: restricted arithmetic in-process | sandbox: Python in a sandbox"
+    )
+    cuda_graphs: Optional[bool] = setting(None, "decode steps as CUDA graphs; null = on for CUDA")
+
+    def __post_init__(self) -> None:
+        if not str(self.ckpt).strip():
+            raise ConfigError("ckpt", "say which model to talk to: ckpt=<run dir | checkpoint dir>")
+        if self.mode not in CHAT_MODES:
+            raise ConfigError("mode", f"must be one of {', '.join(CHAT_MODES)}, got {self.mode!r}")
+        if not self.temperature >= 0:
+            raise ConfigError("temperature", f"must be >= 0, got {self.temperature}")
+        _at_least(self.top_k, 0, "top_k")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        _at_least(self.max_tokens, 1, "max_tokens")
+        if self.tool_executor not in ("calculator", "sandbox"):
+            raise ConfigError("tool_executor", f"must be calculator or sandbox, got {self.tool_executor!r}")

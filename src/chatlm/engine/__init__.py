@@ -1,5 +1,15 @@
-"""Inference: batched KV-cache sampling and nanochat's training-time text samples."""
+"""Inference: the batched KV-cache engine, sampling, tool calls and plain `generate`."""
 
-from chatlm.engine.generate import SAMPLE_PROMPTS, generate, sample_next, sample_texts
+from chatlm.engine.engine import Completion, Engine, Event, RequestError, SamplingParams
+from chatlm.engine.generate import SAMPLE_PROMPTS, generate, sample_texts
 
-__all__ = ["SAMPLE_PROMPTS", "generate", "sample_next", "sample_texts"]
+__all__ = [
+    "SAMPLE_PROMPTS",
+    "Completion",
+    "Engine",
+    "Event",
+    "RequestError",
+    "SamplingParams",
+    "generate",
+    "sample_texts",
+]

@@ -1,6 +1,6 @@
-"""Batched generation for prompts of different lengths, with calculator tool calls: what the
-generative evals (GSM8K, HumanEval, SpellingBee) use until the KV-cache engine handles ragged
-batches.
+"""Generation without a KV cache, for models that only offer `model(idx) -> logits` (the table
+models the scoring tests use as oracles); chatlm's GPT generates through `chatlm.engine.Engine`.
+Also the attention-backend and logits helpers the evaluators share.
 
 Each batch of prompts is right-padded into one (B, T) tensor and the whole tensor is forwarded
 at every step, without a KV cache; row b reads its next-token logits at its own last position,
@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from chatlm.engine.generate import sample_next
-from chatlm.engine.tools import calculate
+from chatlm.engine.tools import ToolTokens
 
 
 def model_max_len(model: Any) -> Optional[int]:
@@ -66,29 +65,6 @@ def span_logits(model: Any, idx: torch.Tensor, spans: Sequence[tuple[int, int, i
     return [logits[b, s:e] for b, s, e in spans]
 
 
-class ToolTokens:
-    """The special-token ids of the tool protocol and how to encode a result."""
-
-    def __init__(self, tok: Any, calculator: Callable[[str], Optional[str]] = calculate):
-        self.python_start = tok.encode_special("<|python_start|>")
-        self.python_end = tok.encode_special("<|python_end|>")
-        self.output_start = tok.encode_special("<|output_start|>")
-        self.output_end = tok.encode_special("<|output_end|>")
-        self.tok = tok
-        self.calculator = calculator
-
-    def forced_after(self, generated: Sequence[int]) -> list[int]:
-        """The tokens to force after a row's `<|python_end|>` (empty when the call gives nothing)."""
-        starts = [i for i, t in enumerate(generated) if t == self.python_start]
-        if not starts:
-            return []
-        expression = self.tok.decode(list(generated[starts[-1] + 1 : -1]))
-        result = self.calculator(expression)
-        if result is None:
-            return []
-        return [self.output_start, *self.tok.encode(result), self.output_end]
-
-
 def _decode_batch(
     model: Any,
     prompts: dict[int, list[int]],
@@ -127,6 +103,32 @@ def _decode_batch(
             still.append(i)
         active = still
     return out
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """One token id per row from (B, V) logits -> (B,) int64.
+
+    temperature 0: argmax. Otherwise softmax(logits[top-k] / temperature) and a multinomial draw
+    with `generator`; top_k None or <= 0 means the full vocabulary.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if top_k is not None and top_k > 0:
+        k = min(int(top_k), logits.size(-1))
+        values, indices = torch.topk(logits, k, dim=-1)
+        probs = torch.softmax(values / temperature, dim=-1)
+        choice = torch.multinomial(probs, 1, generator=generator)
+        return indices.gather(-1, choice).squeeze(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()

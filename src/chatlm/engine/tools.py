@@ -4,13 +4,18 @@ nanochat's engine evaluates the expression and forces `<|output_start|> result <
 into the sequence. Here the expression is parsed with `ast` and only this is evaluated: numbers,
 + - * / // % ** (small exponents), parentheses, unary signs, and `'text'.count('x')` (the
 letter-counting call of SpellingBee). Anything else returns None and nothing is forced. No eval().
+
+`sandbox_calculator` is the other executor: the expression runs as Python in [F]'s sandbox
+(`chatlm.evals.sandbox`: a separate, resource-limited interpreter), which allows any expression
+at the cost of a process per call. `ToolTokens` holds the protocol's token ids and turns a call
+into the tokens forced after it.
 """
 
 from __future__ import annotations
 
 import ast
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add,
@@ -67,3 +72,55 @@ def calculate(expression: str) -> Optional[str]:
     if isinstance(result, float) and result.is_integer():
         result = int(result)
     return str(round(result, 6) if isinstance(result, float) else result)
+
+
+def sandbox_calculator(timeout_s: float = 3.0) -> Callable[[str], Optional[str]]:
+    """A calculator that evaluates the expression in the sandbox; None when it fails or prints nothing."""
+    from chatlm.evals.sandbox import SandboxLimits, run_code
+
+    limits = SandboxLimits(timeout_s=timeout_s, cpu_s=max(1, int(timeout_s)))
+
+    def run(expression: str) -> Optional[str]:
+        text = expression.strip()
+        if not text or len(text) > MAX_EXPRESSION_CHARS:
+            return None
+        result = run_code(f"print(eval({text!r}, {{}}))", limits)
+        out = result.stdout.strip()
+        return out if result.passed and out and len(out) <= MAX_EXPRESSION_CHARS else None
+
+    return run
+
+
+CALCULATORS = ("calculator", "sandbox")
+
+
+def calculator_for(kind: str) -> Callable[[str], Optional[str]]:
+    """The tool executor by name: 'calculator' (restricted, in-process) or 'sandbox'."""
+    if kind == "calculator":
+        return calculate
+    if kind == "sandbox":
+        return sandbox_calculator()
+    raise ValueError(f"unknown tool executor {kind!r}; valid: {', '.join(CALCULATORS)}")
+
+
+class ToolTokens:
+    """The special-token ids of the tool protocol and how to encode a result."""
+
+    def __init__(self, tok: Any, calculator: Callable[[str], Optional[str]] = calculate):
+        self.python_start = tok.encode_special("<|python_start|>")
+        self.python_end = tok.encode_special("<|python_end|>")
+        self.output_start = tok.encode_special("<|output_start|>")
+        self.output_end = tok.encode_special("<|output_end|>")
+        self.tok = tok
+        self.calculator = calculator
+
+    def forced_after(self, generated: Sequence[int]) -> list[int]:
+        """The tokens to force after a row's `<|python_end|>` (empty when the call gives nothing)."""
+        starts = [i for i, t in enumerate(generated) if t == self.python_start]
+        if not starts:
+            return []
+        expression = self.tok.decode(list(generated[starts[-1] + 1 : -1]))
+        result = self.calculator(expression)
+        if result is None:
+            return []
+        return [self.output_start, *self.tok.encode(result), self.output_end]

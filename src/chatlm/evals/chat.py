@@ -10,7 +10,7 @@ be scored too, it just has not learnt the format.
   after `<|assistant_start|>` over the choice letters' token ids (a tie shares the credit, as in
   CORE). Many prompts per forward pass.
 - generative (GSM8K, HumanEval, SpellingBee): `num_samples` answers per problem from
-  `chatlm.engine.padded.generate_padded` (batched, calculator tool calls); a problem passes if any
+  the KV-cache engine (`chatlm.engine`, batched, calculator tool calls); a problem passes if any
   answer passes. GSM8K and SpellingBee compare the number after `#### `; HumanEval runs the
   prompt's imports + the completion's code + the tests in `chatlm.evals.sandbox`.
 
@@ -250,10 +250,27 @@ def evaluate_generative(
 
 def generator_for(model: Any, tok: Any, suite: Any, seed: int) -> Callable[[list[list[int]]], list[list[int]]]:
     """prompts -> new tokens with the suite's sampling settings (`eval.*`), batched, with tool
-    calls, stopping at `<|assistant_end|>` or BOS."""
-    from chatlm.engine.padded import ToolTokens, generate_padded
+    calls, stopping at `<|assistant_end|>` or BOS. chatlm's GPT runs on the KV-cache engine; a
+    model without a cache interface (a test oracle) is re-forwarded whole at every step."""
+    from chatlm.engine.tools import ToolTokens
 
     stop = [tok.encode_special("<|assistant_end|>"), tok.bos_id]
+    if hasattr(model, "final_hidden") and hasattr(model, "dims"):
+        from chatlm.engine.generate import generate
+
+        return lambda prompts: generate(
+            model,
+            prompts,
+            suite.max_new_tokens,
+            temperature=suite.temperature,
+            top_k=suite.top_k or None,
+            seed=seed,
+            stop_ids=stop,
+            tools=ToolTokens(tok),
+            batch_size=suite.batch_size,
+        )
+    from chatlm.engine.padded import generate_padded
+
     return lambda prompts: generate_padded(
         model,
         prompts,

@@ -1,10 +1,8 @@
-"""The GPT model: sizing from the config, attention backends with a KV cache, and the network."""
+"""The GPT model: sizing from the config, attention backends, and the network."""
 
 from chatlm.model.attention import (
     BACKENDS,
-    KVCache,
     backend_unavailable_reason,
-    cached_attention,
     causal_attention,
     prepare_backend,
     select_backend,
@@ -16,11 +14,9 @@ from chatlm.model.sizing import ModelDims, derive_dims
 __all__ = [
     "BACKENDS",
     "GPT",
-    "KVCache",
     "Linear",
     "ModelDims",
     "backend_unavailable_reason",
-    "cached_attention",
     "causal_attention",
     "derive_dims",
     "prepare_backend",

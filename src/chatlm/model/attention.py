@@ -1,10 +1,11 @@
-"""Causal sliding-window attention behind one interface, with three kernels and a KV cache.
+"""Causal sliding-window attention behind one interface, with three kernels.
 
 Tensors are (B, T, heads, D) everywhere (flash-attention's native layout; the model never
 transposes). `window` counts the *previous* tokens a query may see, self excluded: a query at
 absolute position p sees keys c with c <= p and p - c <= window. A window >= T - 1 is plain causal
 attention. Queries are always the *last* Tq positions of the Tk keys (bottom-right alignment), which
-makes training (Tq == Tk), chunked prefill and single-token decode the same operation.
+makes training (Tq == Tk), prefill and single-token decode the same operation. The KV cache is the
+engine's (`chatlm.engine.kv_cache`).
 
 Backends (chosen by `select_backend`, passed around as a plain string, never a module global):
 
@@ -202,75 +203,6 @@ def prepare_backend(backend: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache:
-    """Preallocated per-layer keys/values for incremental decoding.
-
-    k, v: (n_layer, B, max_len, n_kv_head, head_dim) in the compute dtype. `pos` is the number of
-    positions already written (uniform over the batch, a Python int so no device sync is needed).
-    The model writes layer i's new keys at [pos, pos + T) and advances `pos` after its last layer.
-    `prev_embedding` (B, 1, C) is the last token's pre-smear normalized embedding, which the smear
-    of the next decoded token needs.
-    """
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch_size: int,
-        max_len: int,
-        n_kv_head: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: Union[str, torch.device],
-    ):
-        shape = (n_layer, batch_size, max_len, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.pos = 0
-        self.prev_embedding: Optional[torch.Tensor] = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.size(1)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(2)
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.prev_embedding = None
-
-    def advance(self, n: int) -> None:
-        self.pos += n
-
-    def write(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, T, Hkv, D) keys/values; return the layer's keys/values [0, pos + T)."""
-        t0, t1 = self.pos, self.pos + k.size(1)
-        if t1 > self.max_len:
-            raise RuntimeError(f"KV cache overflow: {t1} positions > max_len {self.max_len}")
-        self.k[layer_idx, :, t0:t1] = k
-        self.v[layer_idx, :, t0:t1] = v
-        return self.k[layer_idx, :, :t1], self.v[layer_idx, :, :t1]
-
-    def prefill_from(self, other: KVCache) -> None:
-        """Copy a (usually batch-1) prompt cache into every row of this one (sampling n rows)."""
-        if other.k.shape[0] != self.k.shape[0] or other.k.shape[3:] != self.k.shape[3:]:
-            raise ValueError("KV caches of different models")
-        if other.pos > self.max_len:
-            raise ValueError(f"prompt of {other.pos} positions does not fit max_len {self.max_len}")
-        n = other.pos
-        self.k[:, :, :n] = other.k[:, :, :n]
-        self.v[:, :, :n] = other.v[:, :, :n]
-        self.pos = n
-        self.prev_embedding = None
-        if other.prev_embedding is not None:
-            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
-
-
-# ----------------------------------------------------------------------------------------------
 # kernels
 
 
@@ -312,6 +244,29 @@ def _decode(q, k, v, window: int) -> torch.Tensor:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=q.size(2) != k.size(2)
     )
     return y.transpose(1, 2)
+
+
+def single_query_attention(q, keys, values, bias) -> torch.Tensor:
+    """One query per sequence against its own cached keys: the engine's decode step.
+
+    q (n, 1, H, D); keys and values (n, Hkv, S, D), head h reading kv head h // (H / Hkv); bias
+    (n, 1, 1, S) float, 0 where a key is visible and -inf where not (every row sees at least one).
+    Two batched matmuls around an fp32 softmax. A flash kernel gives each (sequence, head) one
+    block and walks the S keys serially, which leaves an H100 mostly idle at decode batch sizes;
+    here the scores come out of a GEMM over all keys at once (in fp32 on CUDA, so no bf16
+    rounding of the logits).
+    """
+    n, _, H, D = q.shape
+    Hkv, S = keys.size(1), keys.size(2)
+    qb = q.reshape(n * Hkv, H // Hkv, D)
+    kb, vb = keys.reshape(n * Hkv, S, D), values.reshape(n * Hkv, S, D)
+    if q.is_cuda and q.dtype != torch.float32:
+        scores = torch.bmm(qb, kb.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(qb, kb.transpose(1, 2)).float()
+    scores = torch.add(bias, scores.view(n, Hkv, H // Hkv, S), alpha=D**-0.5)
+    probs = scores.softmax(dim=-1).to(values.dtype).view(n * Hkv, H // Hkv, S)
+    return torch.bmm(probs, vb).view(n, 1, H, D)
 
 
 def build_block_mask(tq: int, tk: int, window: int, device: str):
@@ -394,15 +349,3 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, windo
     if not torch.compiler.is_compiling():
         prepare_backend(backend)
     return kernel(q, k, v, window)
-
-
-def cached_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer_idx: int, *, window: int, backend: str
-) -> torch.Tensor:
-    """Write this step's k/v into the cache, then attend over everything cached so far.
-
-    Used for prompt prefill (one or several chunks) and for decode. The caller advances
-    `cache.pos` once, after the last layer.
-    """
-    k_all, v_all = cache.write(layer_idx, k, v)
-    return causal_attention(q, k_all, v_all, window=window, backend=backend)

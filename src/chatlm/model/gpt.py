@@ -14,14 +14,14 @@ activations take the compute dtype from the very first op.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from chatlm.config import ConfigError, ModelConfig
-from chatlm.model.attention import BACKENDS, KVCache, cached_attention, causal_attention, prepare_backend
+from chatlm.model.attention import BACKENDS, causal_attention, prepare_backend
 from chatlm.model.qkv_rope import apply_rotary, qkv_rope, triton_usable
 from chatlm.model.sizing import ModelDims, derive_dims
 from chatlm.model.softcap_ce import fused_softcap_ce, plain_softcap_ce, softcap_logits
@@ -73,6 +73,7 @@ class CausalSelfAttention(nn.Module):
         self.rope_kernel = getattr(cfg.rope_kernel, "value", cfg.rope_kernel)
         # resolved here, never inside a compiled trace (as GPT._triton)
         self._rope_triton = torch.cuda.is_available() and triton_usable(self.head_dim)
+        self.qkv_weight: Optional[torch.Tensor] = None  # [Wq; Wk; Wv] held once (`fuse_qkv_weights`)
 
     def forward(
         self,
@@ -81,11 +82,11 @@ class CausalSelfAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         backend: str,
-        kv_cache: Optional[KVCache],
+        kv_cache: Optional[Any],
     ) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if self.fused_prologue(x):
+        if self.fused_prologue(x) and cos.size(0) == 1:  # the op takes one table for the batch
             v_extra = None if ve is None else self.value_extra(x, ve)
             q, k, v = qkv_rope(self.qkv_matmul(x), cos, sin, v_extra, H, Hkv, self.qk_scale)
         else:
@@ -99,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is None:
             y = causal_attention(q, k, v, window=self.window, backend=backend)
         else:
-            y = cached_attention(q, k, v, kv_cache, self.layer_idx, window=self.window, backend=backend)
+            y = kv_cache.attend(self.layer_idx, q, k, v, window=self.window, backend=backend)
         return self.c_proj(y.reshape(B, T, -1))
 
     def value_extra(self, x: torch.Tensor, ve: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,22 @@ class CausalSelfAttention(nn.Module):
         call. The backward then gets x's gradient from one matmul instead of three plus a sum. The
         weights stay three parameters (Muon orthogonalizes each one; checkpoints keep nanochat's
         names). In fp8 the three weights share one tensorwise scale, and dq|dk|dv one."""
-        return self.c_q.linear(x, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
+        weight = self.qkv_weight
+        if weight is None:
+            weight = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        return self.c_q.linear(x, weight)
+
+    @torch.no_grad()
+    def fuse_qkv_weights(self) -> None:
+        """For inference: concatenate the three weights once and make c_q, c_k, c_v views into the
+        result, so `qkv_matmul` stops copying them on every call (a decode step would otherwise
+        copy every q|k|v weight once more than it reads it). Not for a model that trains on."""
+        if not self.same_kind_qkv():
+            return
+        fused = torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight])
+        q, k = self.c_q.out_features, self.c_k.out_features
+        self.c_q.weight.data, self.c_k.weight.data, self.c_v.weight.data = fused[:q], fused[q : q + k], fused[q + k :]
+        self.qkv_weight = fused
 
     def fused_qkv(self, x: torch.Tensor) -> bool:
         """Whether q, k, v come from one matmul (`model.qkv_matmul`). auto: on CUDA, for bf16 and
@@ -285,45 +301,30 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     # forward
 
-    def new_kv_cache(self, batch_size: int, max_len: int, device=None) -> KVCache:
-        """An empty cache in the compute dtype for this model's shapes."""
-        d = self.dims
-        return KVCache(
-            d.n_layer,
-            batch_size,
-            max_len,
-            d.n_kv_head,
-            d.head_dim,
-            self.compute_dtype,
-            device if device is not None else self.lm_head.weight.device,
-        )
-
-    def _smear(self, x: torch.Tensor, kv_cache: Optional[KVCache]) -> torch.Tensor:
+    def _smear(self, x: torch.Tensor, kv_cache: Optional[Any]) -> torch.Tensor:
         """x[t] += smear_lambda * sigmoid(w . x[t][:k]) * x[t-1], from the pre-smear embeddings.
 
-        Position 0 of a sequence is untouched. With a KV cache the previous token of the first
-        position in this call is the cached `prev_embedding` (decode, later prefill chunks).
+        Position 0 of a sequence is untouched. With a KV cache the cache's view applies it: it
+        knows each sequence's previous token (`chatlm.engine.kv_cache`).
         """
         k = self.config.smear_channels
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :k]))  # (B, T, 1)
-        if kv_cache is not None and kv_cache.pos > 0:
-            if kv_cache.prev_embedding is None:
-                raise RuntimeError("KV cache has positions but no prev_embedding for smear")
-            prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), x[:, :-1]], dim=1)
-            out = x + gate * prev
-        else:
-            out = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
         if kv_cache is not None:
-            kv_cache.prev_embedding = x[:, -1:].detach().clone()
-        return out
+            return kv_cache.smear(x, gate)
+        return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
 
-    def final_hidden(self, idx: torch.Tensor, kv_cache: Optional[KVCache] = None) -> torch.Tensor:
-        """(B, T, n_embd) normalized hidden states after the last block: what the head reads."""
+    def final_hidden(self, idx: torch.Tensor, kv_cache: Optional[Any] = None) -> torch.Tensor:
+        """(B, T, n_embd) normalized hidden states after the last block: what the head reads.
+
+        `kv_cache`: a view of the engine's cache (`chatlm.engine.kv_cache.PrefillView` or
+        `DecodeView`), which supplies the positions, smear's previous tokens and attention."""
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.pos
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"positions up to {t0 + T} exceed the RoPE table ({self.cos.size(1)})")
-        cos, sin = self.cos[:, t0 : t0 + T], self.sin[:, t0 : t0 + T]
+        if T > self.cos.size(1):
+            raise ValueError(f"positions up to {T} exceed the RoPE table ({self.cos.size(1)})")
+        if kv_cache is None:
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            cos, sin = kv_cache.rotary(self.cos, self.sin, T)
         backend = self.attention_backend
 
         x = norm(self.wte(idx).to(self.compute_dtype))
@@ -341,7 +342,7 @@ class GPT(nn.Module):
         if x_backout is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_backout
         if kv_cache is not None:
-            kv_cache.advance(T)
+            kv_cache.finish(T)
         return norm(x)
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -353,7 +354,7 @@ class GPT(nn.Module):
         self,
         idx: torch.Tensor,
         targets: Optional[torch.Tensor] = None,
-        kv_cache: Optional[KVCache] = None,
+        kv_cache: Optional[Any] = None,
         loss_reduction: str = "mean",
     ) -> torch.Tensor:
         """Logits (B, T, V) in fp32, or the cross-entropy loss when `targets` is given.

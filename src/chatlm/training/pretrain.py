@@ -240,6 +240,7 @@ def _hooks(
     metrics = MetricLogger(run, cfg.logger, total_steps=plan.num_iterations, resume_step=resumed_at)
     val_files = val_sets(shard_dirs, cfg.data)
     meta = {
+        "stage": cfg.stage,  # which stage made the weights: chat picks its template by it
         "config_hash": config_hash(run.resolved),
         "model_config": asdict(cfg.model),
         "vocab_size": tok.vocab_size,
