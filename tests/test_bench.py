@@ -363,3 +363,37 @@ def test_drill_compare_splits_the_difference_at_the_resume(tmp_path):
     assert c["first_steps_after"] == {"5": pytest.approx(0.25), "6": pytest.approx(0.01), "7": pytest.approx(0.01)}
     assert c["val_bpb"]["8"] == [1.6, 1.5]
     assert "max |loss - reference| after the resume: 0.2500 over 4 steps" in out
+
+
+def test_inference_task_numbers_are_consistent(run_stage, compose, tmp_path):
+    p = run_stage(
+        "bench",
+        *TINY,
+        "task=inference",
+        "infer_batch_sizes=[1,3]",
+        "infer_prompt_tokens=12",
+        "infer_new_tokens=6",
+        "infer_modes=[eager]",
+        "infer_profile=false",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    r, _ = _bench_json(tmp_path, "inference_tiny")
+    cfg = to_typed(compose("bench", ["model=tiny", "model.vocab_size=512"]))
+    model = GPT(cfg.model, 512)
+    d = model.dims
+    assert (r["prompt_tokens"], r["new_tokens"]) == (12, 6)
+    # keys + values of every layer, fp32 on the CPU
+    assert r["kv_bytes_per_token"] == 2 * d.n_layer * d.n_kv_head * d.head_dim * 4
+    # every matrix once per step, plus one row of each embedding table (wte and the value embeddings)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    rows = d.n_embd + len(d.ve_layers) * d.n_kv_head * d.head_dim
+    assert r["weight_bytes"] == 4 * (linear + rows)
+    rows = {(e["mode"], e["batch"]): e for e in r["results"]}
+    assert list(rows) == [("eager", 1), ("eager", 3)]
+    for (_, batch), e in rows.items():
+        assert e["decode_tok_per_s"] > 0 and e["ttft_ms"] > 0
+        assert e["decode_tok_per_s_per_seq"] == pytest.approx(e["decode_tok_per_s"] / batch, rel=1e-9)
+        # one decode step makes `batch` tokens, so the median step bounds the rate from the other side
+        assert e["median_step_ms"] > 0
+    assert "chatlm bench: inference" in p.stdout
+
