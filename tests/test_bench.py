@@ -396,4 +396,3 @@ def test_inference_task_numbers_are_consistent(run_stage, compose, tmp_path):
         # one decode step makes `batch` tokens, so the median step bounds the rate from the other side
         assert e["median_step_ms"] > 0
     assert "chatlm bench: inference" in p.stdout
-
