@@ -240,6 +240,10 @@ def _runs_show(args: argparse.Namespace) -> int:
         ("overrides", " ".join(run.overrides)),
         ("argv", " ".join(map(str, rec.get("argv") or []))),
     ]
+    if isinstance(rec.get("lineage"), list):
+        from chatlm.runtime.lineage import describe
+
+        fields.append(("lineage", "\n             -> ".join(describe(rec["lineage"], f"{run.stage} (this run)"))))
     if run.stale:
         fields.append(("note", "run.json says running but nothing was written for over an hour: probably dead"))
     for key, value in fields:

@@ -42,6 +42,7 @@ from chatlm.config.runtime import (
     SweepInfo,
     WandbMode,
 )
+from chatlm.config.sft import CHAT_SOURCE_KINDS, ChatSourceConfig, MixtureConfig, SFTConfig
 from chatlm.config.stages import (
     BENCH_TASKS,
     EVAL_TASKS,
@@ -60,6 +61,10 @@ from chatlm.config.stages import (
 from chatlm.errors import ConfigError
 
 __all__ = [
+    "CHAT_SOURCE_KINDS",
+    "ChatSourceConfig",
+    "MixtureConfig",
+    "SFTConfig",
     "BENCH_TASKS",
     "COMPILE_MODES",
     "GROUP_SCHEMAS",

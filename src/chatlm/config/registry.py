@@ -17,6 +17,7 @@ from chatlm.config.runtime import (
     PrecisionConfig,
     SweepInfo,
 )
+from chatlm.config.sft import MixtureConfig, SFTConfig
 from chatlm.config.stages import (
     BenchConfig,
     ChatConfig,
@@ -43,6 +44,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "sweep": SweepInfo,
     "debug": DebugInfo,
     "eval": EvalSuiteConfig,
+    "mixture": MixtureConfig,
 }
 
 #: the root schema of each stage's primary config (conf/<stage>.yaml)
@@ -53,6 +55,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "bench": BenchConfig,
     "eval": EvalConfig,
     "chat": ChatConfig,
+    "sft": SFTConfig,
 }
 
 
