@@ -177,27 +177,16 @@ class EvalSuiteConfig:
 
 
 @dataclass
-class TrainConfig(ModelStageConfig):
-    """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
+class LoopConfig:
+    """The training loop's cadences, shared by the stages that run `Trainer.fit` (train, sft): logs,
+    validation, in-training evals, samples, checkpoints, profiling and the preemption drill."""
 
-    stage: str = setting("train", "stage name")
-    steps: int = setting(-1, "optimizer steps; -1 derives the horizon from target_flops or target_param_data_ratio")
-    target_flops: float = setting(-1.0, "training FLOPs budget (used when steps = -1 and this is > 0)")
-    target_param_data_ratio: float = setting(12.0, "tokens per scaling parameter (nanochat: 12; its speedrun: 8)")
-    total_batch_size: int = setting(-1, "tokens per optimizer step; -1 picks it from the depth (Power Lines rule)")
     log_every: int = setting(1, "write a metrics.jsonl line every N steps")
     eval_every: int = setting(250, "validation bits-per-byte every N steps, at step 0 and at the end (nanochat: 250)")
     eval_tokens: int = setting(
         80 * 524288,
         "validation tokens per bpb evaluation, all ranks together (nanochat: "
         "80 x 2^19); a smaller val split is evaluated whole",
-    )
-    core_metric_every: int = setting(-1, "CORE every N steps and at the end; -1 = off (nanochat: 2000)")
-    core_metric_max_per_task: int = setting(500, "examples per CORE task; -1 = all (nanochat: 500)")
-    core_bundle: Optional[str] = setting(
-        None,
-        "CORE tasks: a DCLM eval bundle directory; null = <paths.cache_dir>/evals/core (chatlm fetch evals)",
-        results=False,
     )
     chat_metric_every: int = setting(
         -1, "chat evals (chat_eval.tasks) every N steps and at the end; -1 = off (for chat models: SFT, RL)"
@@ -211,33 +200,17 @@ class TrainConfig(ModelStageConfig):
     sample_every: int = setting(2000, "greedy samples of 7 fixed prompts every N steps and at the end; -1 = off")
     save_every: int = setting(-1, "checkpoint every N steps; -1 = only at the end")
     keep_checkpoints: int = setting(-1, "keep only the newest N checkpoints; -1 keeps all")
-    init_from: Optional[str] = setting(
-        None, "start from this checkpoint's weights (run dir or checkpoint) instead of a fresh init"
-    )
-    auto_tokenizer: bool = setting(
-        False, "train the tokenizer first if it does not exist (else: an error naming chatlm.tokenize)"
-    )
     stop_at_step: int = setting(
         -1, "act as if preempted after this step (checkpoint, status preempted): resume drills", results=False
     )
-    overfit_batches: int = setting(0, ">0: train on the first N micro-batches over and over (debug=overfit)")
     profile_steps: int = setting(0, ">0: torch.profiler trace of this many steps into <run dir>/profile/")
     profile_start: int = setting(5, "steps before profiling starts (skips warm-up and compilation)")
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("overfit_batches", "profile_steps", "profile_start"):
+    def check_loop(self) -> None:
+        for key in ("profile_steps", "profile_start"):
             _at_least(getattr(self, key), 0, key)
         _at_least(self.log_every, 1, "log_every")
-        if self.steps == 0 or self.steps < -1:
-            raise ConfigError("steps", f"must be -1 (derive the horizon) or >= 1, got {self.steps}")
-        if self.steps == -1 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
-            raise ConfigError("steps", "no horizon: set steps, target_flops or target_param_data_ratio > 0")
-        if self.total_batch_size != -1 and self.total_batch_size < 1:
-            raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
         _at_least(self.eval_tokens, 1, "eval_tokens")
-        if self.core_metric_every == 0 or self.core_metric_every < -1:
-            raise ConfigError("core_metric_every", f"must be -1 (off) or >= 1, got {self.core_metric_every}")
         if self.chat_metric_every == 0 or self.chat_metric_every < -1:
             raise ConfigError("chat_metric_every", f"must be -1 (off) or >= 1, got {self.chat_metric_every}")
         bad = [t for t in self.chat_eval.tasks if t in ("bpb", "core")]
@@ -245,6 +218,44 @@ class TrainConfig(ModelStageConfig):
             raise ConfigError(
                 "chat_eval.tasks", f"{bad} are not chat tasks (training has eval_every and core_metric_every for them)"
             )
+
+
+@dataclass
+class TrainConfig(ModelStageConfig, LoopConfig):
+    """`python -m chatlm.train`: pretraining (nanochat's base_train)."""
+
+    stage: str = setting("train", "stage name")
+    steps: int = setting(-1, "optimizer steps; -1 derives the horizon from target_flops or target_param_data_ratio")
+    target_flops: float = setting(-1.0, "training FLOPs budget (used when steps = -1 and this is > 0)")
+    target_param_data_ratio: float = setting(12.0, "tokens per scaling parameter (nanochat: 12; its speedrun: 8)")
+    total_batch_size: int = setting(-1, "tokens per optimizer step; -1 picks it from the depth (Power Lines rule)")
+    core_metric_every: int = setting(-1, "CORE every N steps and at the end; -1 = off (nanochat: 2000)")
+    core_metric_max_per_task: int = setting(500, "examples per CORE task; -1 = all (nanochat: 500)")
+    core_bundle: Optional[str] = setting(
+        None,
+        "CORE tasks: a DCLM eval bundle directory; null = <paths.cache_dir>/evals/core (chatlm fetch evals)",
+        results=False,
+    )
+    init_from: Optional[str] = setting(
+        None, "start from this checkpoint's weights (run dir or checkpoint) instead of a fresh init"
+    )
+    auto_tokenizer: bool = setting(
+        False, "train the tokenizer first if it does not exist (else: an error naming chatlm.tokenize)"
+    )
+    overfit_batches: int = setting(0, ">0: train on the first N micro-batches over and over (debug=overfit)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_loop()
+        _at_least(self.overfit_batches, 0, "overfit_batches")
+        if self.steps == 0 or self.steps < -1:
+            raise ConfigError("steps", f"must be -1 (derive the horizon) or >= 1, got {self.steps}")
+        if self.steps == -1 and self.target_flops <= 0 and self.target_param_data_ratio <= 0:
+            raise ConfigError("steps", "no horizon: set steps, target_flops or target_param_data_ratio > 0")
+        if self.total_batch_size != -1 and self.total_batch_size < 1:
+            raise ConfigError("total_batch_size", f"must be -1 (auto) or >= 1, got {self.total_batch_size}")
+        if self.core_metric_every == 0 or self.core_metric_every < -1:
+            raise ConfigError("core_metric_every", f"must be -1 (off) or >= 1, got {self.core_metric_every}")
         if self.core_metric_max_per_task == 0 or self.core_metric_max_per_task < -1:
             raise ConfigError(
                 "core_metric_max_per_task", f"must be -1 (all) or >= 1, got {self.core_metric_max_per_task}"

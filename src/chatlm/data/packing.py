@@ -8,16 +8,11 @@ model never sees a document start mid-context without one), has no padding and n
 attention masking between documents; the price is the cropped tails (about a third of the
 tokens at T=2048 on web text, which the data is plentiful enough to afford).
 
-SFT (`ConversationPacker`, `pack_conversations_row`): conversations are precious, so they are
-never cropped across rows. Best-fit whole conversations; when none fits, the rest of the row is
-padded with BOS and those positions get target -1 (ignored by the loss), as do all positions the
-rendered mask marks as context. A conversation longer than a whole row is truncated to the row
-when it enters the buffer, so it can always be placed in an empty row (nanochat kept such
-conversations in its buffer forever and could emit fully padded rows).
+SFT rows are packed whole, never cropped, by `chatlm.data.chat.rows` with the same buffer.
 
-Both packers keep their buffer sorted by length (bisect on a Python list, ties in arrival order),
+The packer keeps its buffer sorted by length (bisect on a Python list, ties in arrival order),
 so each pick is a binary search plus a memmove instead of a Python scan of the whole buffer, and
-both expose `state_dict()`/`load_state_dict()` holding the exact buffer: restoring it together
+exposes `state_dict()`/`load_state_dict()` holding the exact buffer: restoring it together
 with the upstream document position reproduces the uninterrupted stream row for row.
 """
 
@@ -253,135 +248,3 @@ def pack_stream(
             yield packer.pack_row(capacity, refill=lambda: next(batches))
         except StopIteration:
             return
-
-
-# ----------------------------------------------------------------------------------------------
-# SFT
-
-
-def pack_conversations_row(
-    buffer: LengthSortedBuffer,
-    capacity: int,
-    pad_id: int,
-    refill: Optional[Callable[[], None]] = None,
-    min_buffered: int = 0,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """One SFT row from a length-sorted buffer of `(ids, mask)` conversations.
-
-    Best fit without cropping: repeatedly place the largest conversation that fits whole; when
-    none does, pad the rest with `pad_id` (BOS). Every buffered conversation must be at most
-    `capacity` long (the `ConversationPacker` truncates on entry), so an empty row always takes
-    one and the packer cannot stall. `refill()` is called while fewer than `min_buffered`
-    conversations are buffered; when it adds nothing or raises StopIteration the source counts as
-    exhausted and the row is packed from what is left (so a finite SFT set drains completely).
-
-    Returns `(inputs, targets, content_len)`: inputs (int32) are the row without its last token,
-    targets (int64) the row shifted by one with -1 where the target token is context (mask 0) or
-    padding, both of length `capacity - 1`; `content_len` counts the non-padding tokens.
-    """
-    ids = np.full(capacity, pad_id, dtype=np.int32)
-    mask = np.zeros(capacity, dtype=np.int8)
-    pos = 0
-    while pos < capacity:
-        if refill is not None:
-            while len(buffer) < min_buffered:
-                before = len(buffer)
-                try:
-                    refill()
-                except StopIteration:
-                    refill = None
-                    break
-                if len(buffer) == before:
-                    break
-        i = buffer.largest_fitting(capacity - pos)
-        if i < 0:
-            break
-        conv_ids, conv_mask = buffer.pop(i)
-        if conv_ids.size > capacity:
-            raise ValueError(f"a buffered conversation of {conv_ids.size} tokens exceeds the row ({capacity})")
-        ids[pos : pos + conv_ids.size] = conv_ids
-        mask[pos : pos + conv_ids.size] = conv_mask
-        pos += conv_ids.size
-    targets = ids[1:].astype(np.int64)
-    targets[mask[1:] == 0] = -1
-    return ids[:-1].copy(), targets, pos
-
-
-class ConversationPacker:
-    """Best-fit SFT packer (pad, never crop) with a serializable buffer.
-
-    Conversations longer than `capacity` are truncated to `capacity` on `add`: the tail of an
-    over-long conversation is lost, but it can no longer sit in the buffer forever.
-    """
-
-    def __init__(self, capacity: int, pad_id: int, buffer_size: int = 100):
-        if capacity < 2:
-            raise ValueError(f"capacity must be >= 2 (inputs and targets), got {capacity}")
-        self.capacity, self.pad_id, self.buffer_size = capacity, pad_id, buffer_size
-        self._buf = LengthSortedBuffer()
-        self.convs_in = 0
-        self.convs_truncated = 0
-        self.tokens_truncated = 0
-        self.rows_out = 0
-        self.pad_tokens = 0
-
-    def __len__(self) -> int:
-        return len(self._buf)
-
-    def add(self, ids: Sequence[int], mask: Sequence[int]) -> None:
-        ids = np.asarray(ids, dtype=np.int32)
-        mask = np.asarray(mask, dtype=np.int8)
-        if ids.shape != mask.shape or ids.ndim != 1 or ids.size == 0:
-            raise ValueError("a conversation needs non-empty 1-d ids and a mask of the same length")
-        if ids.size > self.capacity:
-            self.convs_truncated += 1
-            self.tokens_truncated += ids.size - self.capacity
-            ids, mask = ids[: self.capacity], mask[: self.capacity]
-        self._buf.insert(ids.size, (ids, mask))
-        self.convs_in += 1
-
-    def pack_row(self, refill: Optional[Callable[[], None]] = None) -> tuple[np.ndarray, np.ndarray]:
-        """`(inputs, targets)` of length `capacity - 1`; `refill()` should `add` more conversations."""
-        if refill is None and not self._buf:
-            raise RuntimeError("no conversations buffered")
-        inputs, targets, content_len = pack_conversations_row(
-            self._buf, self.capacity, self.pad_id, refill=refill, min_buffered=self.buffer_size
-        )
-        if content_len == 0:
-            raise RuntimeError("no conversations left to pack")
-        self.rows_out += 1
-        self.pad_tokens += self.capacity - content_len
-        return inputs, targets
-
-    def state_dict(self) -> dict:
-        lengths = np.asarray(self._buf.lengths, dtype=np.int64)
-        items = self._buf.items
-        ids = np.concatenate([c[0] for c in items]) if items else np.zeros(0, np.int32)
-        mask = np.concatenate([c[1] for c in items]) if items else np.zeros(0, np.int8)
-        return {
-            "version": STATE_VERSION,
-            "kind": "conversations",
-            "lengths": lengths,
-            "ids": ids,
-            "mask": mask,
-            "convs_in": self.convs_in,
-            "convs_truncated": self.convs_truncated,
-            "tokens_truncated": self.tokens_truncated,
-            "rows_out": self.rows_out,
-            "pad_tokens": self.pad_tokens,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION or state.get("kind") != "conversations":
-            raise ValueError(f"not a conversation packer state of version {STATE_VERSION}")
-        lengths = np.asarray(state["lengths"], dtype=np.int64)
-        ids = np.asarray(state["ids"], dtype=np.int32)
-        mask = np.asarray(state["mask"], dtype=np.int8)
-        if int(lengths.sum()) != ids.size or ids.shape != mask.shape:
-            raise ValueError("packer state is inconsistent: lengths do not add up to the tokens")
-        cuts = np.cumsum(lengths)[:-1] if lengths.size else []
-        self._buf.clear()
-        self._buf.lengths.extend(int(n) for n in lengths)
-        self._buf.items.extend(zip(np.split(ids, cuts), np.split(mask, cuts)) if lengths.size else [])
-        for key in ("convs_in", "convs_truncated", "tokens_truncated", "rows_out", "pad_tokens"):
-            setattr(self, key, int(state[key]))

@@ -92,3 +92,28 @@ def sample_texts(
     ids = [[bos] + list(tokenizer.encode(p)) for p in prompts]
     outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=(bos,))
     return [tokenizer.decode(o) for o in outs]
+
+
+#: the questions a chat model answers in its training-time samples (SFT, RL)
+CHAT_SAMPLE_QUESTIONS = (
+    "What is your name?",
+    "Who made you?",
+    "How many times does the letter 'r' appear in the word 'strawberry'?",
+    "Sam has 12 bags with 7 apples in each bag. How many apples does Sam have?",
+    "Why is the sky blue?",
+)
+
+
+def chat_replies(model: torch.nn.Module, tokenizer, questions: Sequence[str], max_new_tokens: int = 64) -> list[str]:
+    """Greedy assistant replies to single-turn questions (the chat template), with calculator
+    calls run; each reply stops at `<|assistant_end|>` or BOS. Returns the decoded replies."""
+    from chatlm.engine.tools import ToolTokens
+    from chatlm.tokenizer.chat_format import render_for_completion
+
+    prompts = [
+        render_for_completion(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
+        for q in questions
+    ]
+    stop = (tokenizer.encode_special("<|assistant_end|>"), tokenizer.bos_id)
+    outs = generate(model, prompts, max_new_tokens, stop_ids=stop, tools=ToolTokens(tokenizer))
+    return [tokenizer.decode(o) for o in outs]

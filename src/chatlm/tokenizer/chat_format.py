@@ -129,3 +129,28 @@ def render_for_completion(tok, conversation: Any, max_tokens: Optional[int] = No
     ids, _ = render_conversation(tok, messages[:-1], max_tokens=max_tokens)
     ids.append(tok.encode_special("<|assistant_start|>"))
     return ids
+
+
+class _Structure:
+    """A stand-in tokenizer that encodes nothing: rendering with it checks only a conversation's shape."""
+
+    bos_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return []
+
+    def encode_special(self, name: str) -> int:
+        return 0
+
+
+def conversation_problem(conversation: Any) -> Optional[str]:
+    """What is wrong with a conversation's shape (the message `render_conversation` would raise),
+    or None when it renders; a conversation must also end with an assistant message to teach anything."""
+    try:
+        messages = _fold_system(_messages(conversation))
+        render_conversation(_Structure(), messages, max_tokens=None)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        return str(e) or type(e).__name__
+    if messages[-1].get("role") != "assistant":
+        return "the last message must be the assistant's (nothing would be trained on)"
+    return None

@@ -5,7 +5,7 @@ sees them) -> torch.compile -> MuonAdamW with the depth-transferred LRs and weig
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -51,16 +51,20 @@ def build_training_optimizer(model: Any, optim_cfg: OptimConfig, plan: Any, poli
     )
 
 
-class PretrainSchedule:
-    """nanochat's pretraining schedules (§3.4-3.5): the LR multiplier, Muon momentum and Muon weight decay."""
+class TrainingSchedule:
+    """nanochat's schedules (§3.4-3.5, §7): the LR multiplier (times `lr_scale`: SFT's init_lr_frac),
+    Muon momentum and, when `muon_weight_decay` is given, Muon weight decay (SFT has no WD schedule:
+    the optimizer's groups keep theirs)."""
 
-    def __init__(self, schedule: ScheduleConfig, optim: OptimConfig, muon_weight_decay: float):
-        self.schedule, self.optim, self.wd = schedule, optim, muon_weight_decay
+    def __init__(
+        self, schedule: ScheduleConfig, optim: OptimConfig, muon_weight_decay: Optional[float], lr_scale: float = 1.0
+    ):
+        self.schedule, self.optim, self.wd, self.lr_scale = schedule, optim, muon_weight_decay, lr_scale
 
     def __call__(self, step: int, total: int) -> Hyperparameters:
         o = self.optim
         return Hyperparameters(
-            lr_multiplier_from_config(self.schedule, step, total),
+            self.lr_scale * lr_multiplier_from_config(self.schedule, step, total),
             muon_momentum(
                 step,
                 total,
@@ -70,7 +74,7 @@ class PretrainSchedule:
                 o.momentum_warmup_steps,
                 o.momentum_end,
             ),
-            muon_weight_decay(step, total, self.wd),
+            None if self.wd is None else muon_weight_decay(step, total, self.wd),
         )
 
 
@@ -86,6 +90,6 @@ def pretrain_trainer(cfg: Any, built: TrainingModel, plan: Any, batches: Any, ct
         grad_accum=plan.grad_accum,
         tokens_per_step=plan.total_batch_size,
         ctx=ctx,
-        schedule=PretrainSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
+        schedule=TrainingSchedule(cfg.schedule, cfg.optim, plan.muon_weight_decay),
         scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
     )

@@ -135,3 +135,13 @@ def restore(trainer: Any, path: Any, *, model_cfg: Any, tokenizer: Any) -> Path:
         )
     log.info("resumed from %s at step %d", where, trainer.state.step)
     return where
+
+
+def resume_source(resume: str, run_dir: Path) -> Optional[Path]:
+    """The checkpoint a run continues from: `resume=auto` its own latest (None in a fresh run
+    directory), `never` none, anything else that checkpoint."""
+    if resume == "auto":
+        return ckpt.latest_checkpoint(run_dir)
+    if resume != "never":
+        return ckpt.find_checkpoint(resume)
+    return None

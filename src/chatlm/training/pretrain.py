@@ -14,9 +14,7 @@ time limits) and Ctrl-C write a checkpoint at the end of the current step and st
 from __future__ import annotations
 
 import logging
-import math
 import shlex
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -28,17 +26,15 @@ from chatlm.data.loader import rank_loader, train_sets, val_sets
 from chatlm.data.sources import prepare_sources
 from chatlm.model.fp8 import fp8_disabled
 from chatlm.runtime import checkpoint as ckpt
+from chatlm.runtime import lineage
 from chatlm.runtime.flops import peak_flops
-from chatlm.runtime.metric_logger import MetricLogger
 from chatlm.runtime.model_loading import load_weights, tokenizer_record
-from chatlm.runtime.profile import StepProfiler
-from chatlm.runtime.rundir import Run, config_hash, resume_hint
-from chatlm.runtime.sinks import format_duration
+from chatlm.runtime.rundir import Run, config_hash
 from chatlm.tokenizer import Tokenizer, tokenizer_dir
 from chatlm.training.batches import RepeatBatches
 from chatlm.training.build import build_training_model, pretrain_trainer
-from chatlm.training.checkpointing import CheckpointHook, restore
-from chatlm.training.hooks import EvalHook, GCHook, Hook, LogHook, Periodic, ProfilerHook, StopHook, ValidationHook
+from chatlm.training.checkpointing import restore, resume_source
+from chatlm.training.loop_hooks import loop_hooks
 from chatlm.training.plan import Plan, describe_plan, plan_run
 
 log = logging.getLogger("chatlm")
@@ -121,85 +117,8 @@ def _core(cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any) ->
     return evaluate
 
 
-def _chat(cfg: TrainConfig, run: Run, tok: Tokenizer, built: Any) -> Any:
-    """The chat evals of the current weights (uncompiled, fp8 off), through the eval stage's code;
-    their data read and checked here, before the first step."""
-    from chatlm.evals import chat
-    from chatlm.evals.scoring import batch_tokens
-
-    suite = cfg.chat_eval
-    rows = {t: chat.prepare_task(t, suite.data_dir, suite.max_examples) for t in suite.tasks}
-    log.info("chat evals every %d steps: %s from %s", cfg.chat_metric_every, ", ".join(suite.tasks), suite.data_dir)
-    tokens = batch_tokens(suite.max_batch_tokens, run.ctx.device)
-
-    def evaluate() -> dict:
-        with fp8_disabled(built.model) as plain:
-            return {
-                t: chat.evaluate_task(plain, tok, t, rows[t], suite, cfg.seed, tokens, run.ctx).accuracy for t in rows
-            }
-
-    return evaluate
-
-
-class RunSummary(Hook):
-    """At the end of a run (main rank): what it achieved, where it is, and what to run next."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self.t0 = time.time()
-
-    def on_end(self, trainer: Any, final: dict) -> None:
-        if not self.run.is_main:
-            return
-        d = shlex.quote(str(self.run.path))
-        log.info(
-            "done: %d steps, %s tokens in %s | train loss %.4f | val bpb %.4f (best %.4f)\n  run directory: %s\n"
-            "next:\n  chatlm runs show %s\n  chatlm runs plot %s --metric val_bpb --out val_bpb.png\n"
-            "  python -m chatlm.eval ckpt=%s\n  python -m chatlm.train <same overrides> init_from=%s   "
-            "(start a new run from these weights)",
-            final["steps"],
-            f"{final['tokens']:,}",
-            format_duration(time.time() - self.t0),
-            final["train_loss"],
-            final.get("val_bpb", math.nan),
-            final.get("min_val_bpb", math.nan),
-            self.run.path,
-            d,
-            d,
-            d,
-            d,
-        )
-
-
-class SampleWriter:
-    """nanochat's samples: 7 fixed prompts, greedy, 16 tokens, into samples/step_<N>.txt (main rank)."""
-
-    def __init__(self, run: Run, tok: Tokenizer, model: Any):
-        self.run, self.tok, self.model = run, tok, model
-
-    def __call__(self, step: int) -> None:
-        if not self.run.is_main:
-            return
-        from chatlm.engine.generate import SAMPLE_PROMPTS, sample_texts
-
-        with fp8_disabled(self.model) as plain:
-            texts = sample_texts(plain, self.tok, SAMPLE_PROMPTS, max_new_tokens=16)
-        lines = [f"{p!r} -> {t!r}" for p, t in zip(SAMPLE_PROMPTS, texts)]
-        (self.run.path / "samples").mkdir(exist_ok=True)
-        (self.run.path / "samples" / f"step_{step:06d}.txt").write_text("\n".join(lines) + "\n")
-        log.info("samples at step %d:\n  %s", step, "\n  ".join(lines))
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
-
-
-def _resume_source(cfg: TrainConfig, run: Run) -> Optional[Path]:
-    if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(run.path)
-    if cfg.resume != "never":
-        return ckpt.find_checkpoint(cfg.resume)
-    return None
 
 
 def _plan(cfg: TrainConfig, run: Run, tok: Tokenizer) -> Plan:
@@ -235,51 +154,44 @@ def _log_estimate(cfg: TrainConfig, run: Run, plan: Plan) -> None:
 def _hooks(
     cfg: TrainConfig, run: Run, tok: Tokenizer, plan: Plan, built: Any, shard_dirs: list, resumed_at: Optional[int]
 ) -> list:
-    """The pretraining hooks, in the order the trainer calls them (see chatlm.training.hooks)."""
-    ctx = run.ctx
-    metrics = MetricLogger(run, cfg.logger, total_steps=plan.num_iterations, resume_step=resumed_at)
-    val_files = val_sets(shard_dirs, cfg.data)
+    """The pretraining hooks (chatlm.training.loop_hooks), with CORE when asked for."""
+    tok_record = tokenizer_record(tok, tokenizer_dir(cfg.tokenizer, cfg.paths))
+    chain = lineage.fresh(tok_record)
+    if cfg.init_from:
+        step_dir = ckpt.find_checkpoint(cfg.init_from)
+        chain = lineage.extend(step_dir, ckpt.read_meta(step_dir))
+    run.update_record(lineage=chain)
     meta = {
         "stage": cfg.stage,  # which stage made the weights: chat picks its template by it
         "config_hash": config_hash(run.resolved),
         "model_config": asdict(cfg.model),
         "vocab_size": tok.vocab_size,
         "plan": asdict(plan),
-        "tokenizer": tokenizer_record(tok, tokenizer_dir(cfg.tokenizer, cfg.paths)),
+        "tokenizer": tok_record,
         "init_from": cfg.init_from,
+        "lineage": chain,  # tokenizer -> ... -> the checkpoint these weights started from
     }
-    checkpoint = CheckpointHook(
-        run, every=cfg.save_every, meta=meta, tokenizer=tok, keep=cfg.keep_checkpoints, fresh_run=resumed_at is None
-    )
-    device = ctx.device
-    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "", cfg.hardware.peak_flops)
-    start = (resumed_at or 0) + cfg.profile_start
-    profiler = StepProfiler(run.path, ctx.rank, start, cfg.profile_steps, device)
     evals = []
     if cfg.core_metric_every > 0:
-        evals.append(
-            EvalHook(cfg.core_metric_every, _core(cfg, run, tok, plan, built), metrics, ("core", "core_partial"))
-        )
-    if cfg.chat_metric_every > 0:
-        evals.append(EvalHook(cfg.chat_metric_every, _chat(cfg, run, tok, built), metrics, tuple(cfg.chat_eval.tasks)))
-    return [
-        GCHook(),
-        ValidationHook(cfg.eval_every, _val_bpb(cfg, run, tok, val_files, plan, built), metrics),
-        *evals,
-        Periodic(cfg.sample_every, SampleWriter(run, tok, built.model)),
-        checkpoint,
-        LogHook(
-            metrics,
-            cfg.log_every,
-            plan.flops_per_token,
-            peak,
-            ctx.world_size,
-            fp16=run.policy.compute_dtype == torch.float16,
-        ),
-        ProfilerHook(profiler),
-        StopHook(checkpoint, cfg.stop_at_step, resume_hint(run)),
-        RunSummary(run),
-    ]
+        evals.append((cfg.core_metric_every, _core(cfg, run, tok, plan, built), ("core", "core_partial")))
+    d = shlex.quote(str(run.path))
+    return loop_hooks(
+        cfg,
+        run,
+        tok,
+        built,
+        val_bpb=_val_bpb(cfg, run, tok, val_sets(shard_dirs, cfg.data), plan, built),
+        meta=meta,
+        flops_per_token=plan.flops_per_token,
+        total_steps=plan.num_iterations,
+        resumed_at=resumed_at,
+        evals=evals,
+        next_steps=[
+            f"python -m chatlm.eval ckpt={d}",
+            f"python -m chatlm.sft init_from={d}   (fine-tune it into a chat model)",
+            f"python -m chatlm.train <same overrides> init_from={d}   (start a new run from these weights)",
+        ],
+    )
 
 
 def pretrain(cfg: TrainConfig, run: Run) -> dict:
@@ -303,7 +215,7 @@ def pretrain(cfg: TrainConfig, run: Run) -> dict:
     if cfg.overfit_batches > 0:
         batches = RepeatBatches(batches, cfg.overfit_batches)
     trainer = pretrain_trainer(cfg, built, plan, batches, ctx, policy)
-    found = _resume_source(cfg, run)
+    found = resume_source(cfg.resume, run.path)
     if found is not None:
         restore(trainer, found, model_cfg=cfg.model, tokenizer=tok)
     elif cfg.init_from:
