@@ -173,6 +173,8 @@ class RunInfo:
         model_cfg = self.config.get("model") if isinstance(self.config.get("model"), dict) else {}
         if not label:
             label = model_cfg.get("name") or (f"d{model_cfg['depth']}" if "depth" in model_cfg else "")
+        if not label:  # stages that take their model from a checkpoint (sft, rl) record its name
+            label = self.derived.get("model_name") or ""
         for key in ("n_params", "num_params", "params"):
             n = self.derived.get(key)
             if isinstance(n, (int, float)) and n > 0:

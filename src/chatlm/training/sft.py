@@ -200,13 +200,19 @@ def _chat_samples(run: Run, tok: Any, model: Any) -> Callable[[int], None]:
     return write
 
 
-def sft(cfg: SFTConfig, run: Run) -> dict:
-    ctx, policy = run.ctx, run.policy
-    base = find_base(cfg)
+@dataclass
+class SFTData:
+    mixture: Mixture
+    rendered: Rendered  # the training conversations of one pass
+    val: Optional[Rendered]  # the held-out ones
+    rows: list[list[list[int]]]  # every rank's rows
+    plan: SFTPlan
+
+
+def prepare_data(cfg: SFTConfig, base: Base, ctx: Any) -> SFTData:
+    """Build, render and pack the mixture on every rank (deterministic: all ranks agree) and plan
+    the run from it; the sizes, padding and horizon are logged."""
     tok, cap = base.tokenizer, base.model.sequence_len + 1
-    log.info(
-        "fine-tuning %s (stage %s, step %s)", base.step_dir, base.meta.get("stage", "train"), base.meta.get("step")
-    )
     mixture = build_mixture(cfg.mixture, cfg.chat_eval.data_dir)
     rendered = render_all(tok, mixture.train, cap, cfg.mixture.overlong)
     val = render_all(tok, mixture.val, cap, cfg.mixture.overlong) if mixture.val else None
@@ -214,10 +220,12 @@ def sft(cfg: SFTConfig, run: Run) -> dict:
     plan = plan_sft(cfg, base, rendered, rows, ctx.rank)
     for line in describe_sft_plan(plan, mixture):
         log.info("%s", line)
-    chain = base.lineage()
-    run.record_derived(**asdict(plan), mixture_sizes=[asdict(r) for r in mixture.reports])
+    return SFTData(mixture, rendered, val, rows, plan)
 
-    built = build_training_model(base.model, tok.vocab_size, policy, ctx.device)
+
+def sft_trainer(cfg: SFTConfig, run: Run, base: Base, data: SFTData, built: Any) -> Trainer:
+    """The Trainer of an SFT run: nanochat's optimizer settings and schedule over `data`'s rows."""
+    ctx, policy, plan = run.ctx, run.policy, data.plan
     optimizer = build_optimizer(
         built.model,
         cfg.optim,
@@ -227,12 +235,12 @@ def sft(cfg: SFTConfig, run: Run) -> dict:
         compute_dtype=policy.compute_dtype,
         compile=policy.compile,
     )
-    batches = SFTBatches(rendered, rows[ctx.rank], plan.device_batch_size, cap, tok.bos_id, ctx.device)
-    trainer = Trainer(
+    cap, bos = base.model.sequence_len + 1, base.tokenizer.bos_id
+    return Trainer(
         model=built.model,
         train_model=built.train_model,
         optimizer=optimizer,
-        batches=batches,
+        batches=SFTBatches(data.rendered, data.rows[ctx.rank], plan.device_batch_size, cap, bos, ctx.device),
         total_steps=plan.num_iterations,
         grad_accum=plan.grad_accum,
         tokens_per_step=plan.total_batch_size,
@@ -240,13 +248,29 @@ def sft(cfg: SFTConfig, run: Run) -> dict:
         schedule=TrainingSchedule(cfg.schedule, cfg.optim, None, lr_scale=cfg.init_lr_frac),
         scaler=LossScaler(enabled=policy.compute_dtype == torch.float16),
     )
+
+
+def sft(cfg: SFTConfig, run: Run) -> dict:
+    ctx = run.ctx
+    base = find_base(cfg)
+    tok = base.tokenizer
+    log.info(
+        "fine-tuning %s (stage %s, step %s)", base.step_dir, base.meta.get("stage", "train"), base.meta.get("step")
+    )
+    data = prepare_data(cfg, base, ctx)
+    plan, chain = data.plan, base.lineage()
+    run.record_derived(
+        **asdict(plan), model_name=base.model.name, mixture_sizes=[asdict(r) for r in data.mixture.reports]
+    )
+    built = build_training_model(base.model, tok.vocab_size, run.policy, ctx.device)
+    trainer = sft_trainer(cfg, run, base, data, built)
     found = resume_source(cfg.resume, run.path)
     if found is not None:
         restore(trainer, found, model_cfg=base.model, tokenizer=tok)
         optimizer_from = (ckpt.read_meta(found).get("sft") or {}).get("optimizer", "restored with the run")
     else:
         load_weights(built.model, base.step_dir, model_cfg=base.model, tokenizer=tok, map_location=ctx.device)
-        optimizer_from = load_base_optimizer(optimizer, base, ctx.device) if cfg.load_optimizer else "fresh"
+        optimizer_from = load_base_optimizer(trainer.optimizer, base, ctx.device) if cfg.load_optimizer else "fresh"
     log.info("weights from %s | optimizer state: %s", base.step_dir, optimizer_from)
     record = {"source": chain[-1], "optimizer": optimizer_from, "mixture": cfg.mixture.name}
     run.update_record(lineage=chain, sft=record)
@@ -262,17 +286,16 @@ def sft(cfg: SFTConfig, run: Run) -> dict:
         "sft": record,  # a resumed run reads where its optimizer state first came from
     }
     d = shlex.quote(str(run.path))
-    resumed_at = trainer.state.step if found is not None else None
     trainer.hooks = loop_hooks(
         cfg,
         run,
         tok,
         built,
-        val_bpb=_val_bpb(cfg, run, base, built, plan, val),
+        val_bpb=_val_bpb(cfg, run, base, built, plan, data.val),
         meta=meta,
         flops_per_token=built.model.flops_per_token(),
         total_steps=plan.num_iterations,
-        resumed_at=resumed_at,
+        resumed_at=trainer.state.step if found is not None else None,
         samples=_chat_samples(run, tok, built.model),
         next_steps=[f"python -m chatlm.chat ckpt={d}", f"python -m chatlm.eval ckpt={d} eval=chat"],
     )
