@@ -69,8 +69,9 @@ class Event:
     request_id: RequestId
     token: Optional[int]
     text: str
-    finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "cancelled"
+    finish_reason: Optional[str] = None  # None while running; "stop" | "length" | "cancelled" | "error"
     forced: bool = False  # a tool output token, not sampled
+    error: Optional[str] = None  # finish_reason "error": what failed (this request only; the others go on)
 
 
 @dataclass
@@ -394,7 +395,17 @@ class Engine:
             self._accept(seq, int(token), forced)
 
     def _accept(self, seq: _Sequence, token: int, forced: bool) -> None:
-        """Append one token to a sequence: stop checks, tool calls, text, events."""
+        """Append one token to a sequence. A failure of this sequence's own work (its text, its tool
+        call) ends it with finish_reason "error" and leaves the other sequences running."""
+        try:
+            self._accept_token(seq, token, forced)
+        except Exception as e:
+            if not seq.finished:
+                seq.finished = True
+                self._events.append(Event(seq.id, None, "", "error", error=f"{type(e).__name__}: {e}"))
+                self._release(seq)
+
+    def _accept_token(self, seq: _Sequence, token: int, forced: bool) -> None:
         if not forced and token in seq.stop_ids:
             self._finish(seq, "stop")
             return
@@ -410,12 +421,16 @@ class Engine:
             self._events.append(Event(seq.id, token, text, None, forced))
 
     def _finish(self, seq: _Sequence, reason: str, token: Optional[int] = None, text: str = "", forced=False) -> None:
+        text += seq.text.flush()  # first: when it raises, _accept fails the still-unfinished sequence
         seq.finished = True
-        text += seq.text.flush()
         if token is not None:
             self._events.append(Event(seq.id, token, text, reason, forced))
         else:
             self._events.append(Event(seq.id, None, text, reason))
+        self._release(seq)
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free a finished sequence's slot and id."""
         if seq.slot >= 0 and self._running.get(seq.slot) is seq:
             del self._running[seq.slot]
             self.cache.active[seq.slot] = False
