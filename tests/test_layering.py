@@ -22,10 +22,11 @@ LIBRARY = [
     "evals",
     "engine",
     "bench",
+    "server",
     "errors.py",
 ]
 EDGE_FILES = {SRC / "bench" / "__main__.py"}  # `python -m chatlm.bench`: the bench's Hydra edge
-STAGE_APPS = ["train.py", "eval.py", "check.py", "tokenize.py", "bench/__main__.py"]
+STAGE_APPS = ["train.py", "eval.py", "check.py", "tokenize.py", "serve.py", "bench/__main__.py"]
 FORBIDDEN = (
     "hydra",
     "omegaconf",
@@ -36,6 +37,7 @@ FORBIDDEN = (
     "chatlm.eval",
     "chatlm.check",
     "chatlm.tokenize",
+    "chatlm.serve",
     "chatlm.cli",
 )
 

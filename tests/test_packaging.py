@@ -32,6 +32,8 @@ def test_wheel_contains_the_conf_tree(wheel):
     conf = sorted(p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml"))
     assert conf and all(f"chatlm/conf/{c}" in names for c in conf)
     assert "chatlm/hydra/app.py" in names and not any(n.startswith("tests/") for n in names)
+    static = sorted(p.relative_to(REPO / "src").as_posix() for p in (REPO / "src/chatlm/server/static").iterdir())
+    assert "chatlm/server/static/index.html" in static and all(s in names for s in static)  # the web chat page
 
 
 def test_installed_wheel_composes_and_runs_outside_the_repo(wheel, tmp_path):

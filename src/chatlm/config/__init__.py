@@ -42,6 +42,7 @@ from chatlm.config.runtime import (
     SweepInfo,
     WandbMode,
 )
+from chatlm.config.serve import ServeConfig
 from chatlm.config.sft import CHAT_SOURCE_KINDS, ChatSourceConfig, MixtureConfig, SFTConfig
 from chatlm.config.stages import (
     BENCH_TASKS,
@@ -102,6 +103,7 @@ __all__ = [
     "QKVMatmul",
     "ScheduleConfig",
     "ScheduleKind",
+    "ServeConfig",
     "StageConfig",
     "SweepInfo",
     "TokenizeConfig",

@@ -17,6 +17,7 @@ from chatlm.config.runtime import (
     PrecisionConfig,
     SweepInfo,
 )
+from chatlm.config.serve import ServeConfig
 from chatlm.config.sft import MixtureConfig, SFTConfig
 from chatlm.config.stages import (
     BenchConfig,
@@ -55,6 +56,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "bench": BenchConfig,
     "eval": EvalConfig,
     "chat": ChatConfig,
+    "serve": ServeConfig,
     "sft": SFTConfig,
 }
 
