@@ -191,3 +191,17 @@ def test_changing_shapes_run_on_an_inference_backend(gpt):
         assert gpt.attention_backend == "flex"
     finally:
         gpt.attention_backend = "sdpa"
+
+
+def test_words_fall_back_to_the_embedded_corpus(tmp_path, monkeypatch, caplog):
+    """No words.txt and no system word list: the words the embedded corpus uses at least 5 times."""
+    from chatlm.data import sources
+    from chatlm.evals import chat as chat_mod
+
+    text = "The whale, the WHALE: whale whale whale whale the the sea sea sea sea sea ok ok ok ok ok ok"
+    monkeypatch.setattr(chat_mod, "WORD_LISTS", (str(tmp_path / "none"),))
+    monkeypatch.setattr(chat_mod, "_EMBEDDED_WORDS", [])
+    monkeypatch.setattr(sources, "iter_embedded_documents", lambda verify=True: iter([{"text": text}] * 1))
+    # 'the' is there 4 times in lower case, 'ok' is too short, 'WHALE' is not lower case
+    assert chat_mod.load_words(tmp_path) == ["sea", "whale"]
+    assert "embedded corpus" in caplog.text

@@ -86,7 +86,8 @@ SPELLING_BEE_SEED = 7
 
 def load_words(data_dir: str | Path) -> list[str]:
     """Lower-case alphabetic words of 3-12 letters from `<data_dir>/chat/words.txt` or the
-    system's word list (Debian's `wamerican`)."""
+    system's word list (Debian's `wamerican`); on a machine with neither, the words used at least
+    5 times in the embedded pretraining corpus (`embedded_words`), with a warning."""
     candidates = [Path(data_dir).expanduser() / "chat" / "words.txt", *map(Path, WORD_LISTS)]
     for path in candidates:
         if path.is_file():
@@ -94,10 +95,39 @@ def load_words(data_dir: str | Path) -> list[str]:
             good = sorted(w for w in words if w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 12)
             if good:
                 return good
-    raise EvalDataMissing(
-        "spelling_bee needs a word list: `apt-get install wamerican` (/usr/share/dict/words) "
-        f"or one word per line in {candidates[0]}"
+    try:
+        words = embedded_words()
+    except DataError:
+        words = []
+    if not words:
+        raise EvalDataMissing(
+            "spelling_bee needs a word list: `apt-get install wamerican` (/usr/share/dict/words) "
+            f"or one word per line in {candidates[0]}"
+        )
+    log.warning(
+        "no word list (%s): using the %d words of the embedded corpus; `apt-get install wamerican` for the usual one",
+        candidates[0],
+        len(words),
     )
+    return words
+
+
+_EMBEDDED_WORDS: list[str] = []
+
+
+def embedded_words(min_count: int = 5) -> list[str]:
+    """Lower-case words of 3-12 letters that occur at least `min_count` times in the embedded
+    corpus (public-domain books and speeches shipped with chatlm), sorted."""
+    if not _EMBEDDED_WORDS:
+        from collections import Counter
+
+        from chatlm.data.sources import iter_embedded_documents
+
+        counts: Counter = Counter()
+        for doc in iter_embedded_documents(verify=False):
+            counts.update(re.findall(r"\b[a-z]{3,12}\b", doc["text"]))
+        _EMBEDDED_WORDS.extend(sorted(w for w, n in counts.items() if n >= min_count))
+    return list(_EMBEDDED_WORDS)
 
 
 def spelling_bee_items(words: Sequence[str], n: int = SPELLING_BEE_ITEMS, seed: int = SPELLING_BEE_SEED) -> list[dict]:
