@@ -37,7 +37,14 @@ def test_tokenize_trains_saves_and_reports(tmp_path, run_stage, cache):
     assert r.stdout.count("tokenizer merges") <= 5
 
     again = run_stage("tokenize", "tokenizer=bpe8k", "tokenizer.vocab_size=1024", "tokenizer.name=t1k", env=env)
-    assert again.returncode != 0 and "overwrite=true" in again.stderr
+    assert again.returncode != 0 and "overwrite=true" in again.stderr and "reuse=true" in again.stderr
+    kept = run_stage(
+        "tokenize", "tokenizer=bpe8k", "tokenizer.vocab_size=1024", "tokenizer.name=t1k", "reuse=true", env=env
+    )
+    assert kept.returncode == 0, kept.stderr
+    assert "kept the existing tokenizer" in kept.stdout and "tokenizer merges" not in kept.stdout
+    rec = load_record(run_dirs(tmp_path / "outputs", "tokenize")[-1])
+    assert rec["final_metrics"]["reused"] is True and rec["final_metrics"]["fingerprint"] == tok.fingerprint
 
 
 def test_missing_data_source_says_how_to_build_it(tmp_path, run_stage, cache):

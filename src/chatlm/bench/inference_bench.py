@@ -129,7 +129,13 @@ def bench_inference(cfg: BenchConfig, run: Any) -> dict:
     engines: dict[tuple[str, int], Engine] = {}
     for mode in modes:
         for B in cfg.infer_batch_sizes:
-            engine = Engine(model, max_batch=B, max_len=prompt_len + new, cuda_graphs=mode == "graphs")
+            engine = Engine(
+                model,
+                max_batch=B,
+                max_len=prompt_len + new,
+                cuda_graphs=mode in ("graphs", "compiled"),
+                compile_decode=mode == "compiled",
+            )
             engines[(mode, B)] = engine
             prompts = torch.randint(0, vocab, (B, prompt_len), generator=gen).tolist()
             _one_pass(engine, prompts, new)  # untimed: graph capture, allocator, kernels' first calls

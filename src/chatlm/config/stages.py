@@ -33,7 +33,7 @@ LOSS_BENCH_KERNELS = ("plain", "fused", "fused_logits")
 
 #: what `python -m chatlm.bench task=...` measures
 BENCH_TASKS = ("train", "attention", "loss", "inference")
-INFER_MODES = ("graphs", "eager")
+INFER_MODES = ("graphs", "eager", "compiled")
 
 
 def _at_least(value: int, low: int, key: str, what: str = "") -> None:
@@ -93,6 +93,9 @@ class TokenizeConfig(StageConfig):
     data: DataConfig = setting(help="the text it is trained on (train shards only)", factory=DataConfig)
     eval_docs: int = setting(200, "held-out validation documents per source for the compression report")
     overwrite: bool = setting(False, "replace an existing tokenizer of the same name (else refuse)")
+    reuse: bool = setting(
+        False, "keep an existing tokenizer of the same name and only report it (pipelines re-run safely)", results=False
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -311,7 +314,8 @@ class BenchConfig(ModelStageConfig):
     infer_prompt_tokens: int = setting(512, "task=inference: prompt length (cut to the context minus new tokens)")
     infer_new_tokens: int = setting(256, "task=inference: tokens generated per sequence (greedy, no stop token)")
     infer_modes: List[str] = setting(
-        help="task=inference: graphs (CUDA-graph decode steps; CUDA only) and/or eager",
+        help="task=inference: graphs (CUDA-graph decode steps; CUDA only), compiled (graphs of an "
+        "Inductor-compiled step; CUDA only) and/or eager",
         factory=lambda: ["graphs", "eager"],
     )
     infer_profile: bool = setting(True, "task=inference: profile a few decode steps per mode at the largest batch")

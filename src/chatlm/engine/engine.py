@@ -141,7 +141,8 @@ class Engine:
     `tokenizer`: needed for text (events' `text`, stop strings) and tool calls; without it events
     carry tokens only. `tools`: a `chatlm.engine.tools.ToolTokens` (the calculator protocol), or
     None. `max_len`: tokens a sequence may hold, prompt included (default the model's training
-    context). `cuda_graphs`: None = on for CUDA models."""
+    context). `cuda_graphs`: None = on for CUDA models. `compile_decode`: the graphed decode step is
+    compiled by Inductor first (fewer, fused kernels; a compilation at the first step)."""
 
     def __init__(
         self,
@@ -152,6 +153,7 @@ class Engine:
         max_len: Optional[int] = None,
         tools: Any = None,
         cuda_graphs: Optional[bool] = None,
+        compile_decode: bool = False,
         span_step: int = 256,
         prefill_tokens: int = 16384,
     ):
@@ -186,7 +188,7 @@ class Engine:
         if use_graphs:
             from chatlm.engine.graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self)
+            self.graphs = DecodeGraphs(self, compile=compile_decode)
         self.stats = {"prefill_tokens": 0, "decode_steps": 0, "decoded_tokens": 0}
 
     # ------------------------------------------------------------------------------------------

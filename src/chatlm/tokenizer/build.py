@@ -74,9 +74,11 @@ def compression_table(tok: Tokenizer, out: Path, held_out: dict[str, str]) -> tu
 def build_tokenizer(cfg: Any, run: Any) -> dict:
     """The tokenize stage: train `cfg.tokenizer` on `cfg.data`'s train shards, save and report it."""
     out = tokenizer_dir(cfg.tokenizer, cfg.paths)
-    if (out / "tokenizer.json").exists() and not cfg.overwrite:
+    exists = (out / "tokenizer.json").exists()
+    if exists and not cfg.overwrite and not cfg.reuse:
         raise ChatlmError(
-            f"a tokenizer already exists at {out}; pass overwrite=true to replace it, or choose another tokenizer.name"
+            f"a tokenizer already exists at {out}; pass reuse=true to keep it, overwrite=true to replace it, "
+            "or choose another tokenizer.name"
         )
     train_sets, val_files = [], []
     for source in cfg.data.sources:
@@ -87,18 +89,27 @@ def build_tokenizer(cfg: Any, run: Any) -> dict:
         log.info(
             "source %s: %d train shards in %s (validation shard held out)", source.kind.value, len(train), directory
         )
-    tok = train_with_progress(training_texts(train_sets, cfg.tokenizer.max_chars), cfg.tokenizer)
-    tok.meta.update(data=cfg.data.name, sources=[s.kind.value for s in cfg.data.sources])
-    tok.save(out)
-    log.info(
-        "trained %s: %d ids (%d merges) on %s chars in %.1f s -> %s",
-        tok.name,
-        tok.vocab_size,
-        tok.n_mergeable - 256,
-        f"{tok.meta['train_chars']:,}",
-        tok.meta["train_seconds"],
-        out,
-    )
+    if exists and cfg.reuse and not cfg.overwrite:
+        tok = Tokenizer.load(out)
+        log.info(
+            "kept the existing tokenizer %s (%d ids, fingerprint %s): reuse=true",
+            out,
+            tok.vocab_size,
+            tok.fingerprint[:12],
+        )
+    else:
+        tok = train_with_progress(training_texts(train_sets, cfg.tokenizer.max_chars), cfg.tokenizer)
+        tok.meta.update(data=cfg.data.name, sources=[s.kind.value for s in cfg.data.sources])
+        tok.save(out)
+        log.info(
+            "trained %s: %d ids (%d merges) on %s chars in %.1f s -> %s",
+            tok.name,
+            tok.vocab_size,
+            tok.n_mergeable - 256,
+            f"{tok.meta['train_chars']:,}",
+            tok.meta["train_seconds"],
+            out,
+        )
     held_out = {name: "\n".join(islice(iter_documents([val]), cfg.eval_docs)) for name, val in val_files}
     report, table = compression_table(tok, out, held_out)
     (run.path / "tokenizer_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -106,9 +117,11 @@ def build_tokenizer(cfg: Any, run: Any) -> dict:
     run.record_derived(tokenizer_dir=str(out), vocab_size=tok.vocab_size)
     return {
         "vocab_size": tok.vocab_size,
-        "train_chars": tok.meta["train_chars"],
-        "train_docs": tok.meta["train_docs"],
-        "train_seconds": tok.meta["train_seconds"],
+        "train_chars": tok.meta.get("train_chars"),
+        "train_docs": tok.meta.get("train_docs"),
+        "train_seconds": tok.meta.get("train_seconds"),
+        "reused": bool(exists and cfg.reuse and not cfg.overwrite),
+        "fingerprint": tok.fingerprint,
         "bytes_per_token": round(report["compression"]["chatlm"]["bytes_per_token"], 4),
         "tokenizer_dir": str(out),
     }
