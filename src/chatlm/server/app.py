@@ -293,6 +293,8 @@ class Generation:
         self.t0 = time.perf_counter()
         self.tickets: list[Ticket] = []
         self.status = 200
+        self._prefix: Optional[str] = None
+        self._suffix = ""
 
     @property
     def object(self) -> str:
@@ -382,6 +384,17 @@ class Generation:
             chunk["usage"] = None
         return chunk
 
+    def _text_event(self, index: int, text: str) -> str:
+        """`sse(self._chunk(index, text, None))`, built from a prefix made once (one per token)."""
+        if self._prefix is None:
+            head = {"id": self.id, "object": self.object, "created": self.created, "model": self.svc.model_name}
+            self._prefix = "data: " + json.dumps(head, separators=(",", ":"), ensure_ascii=False)[:-1]
+            usage = self.req.stream_options is not None and self.req.stream_options.include_usage
+            self._suffix = ',"logprobs":null,"finish_reason":null}]' + (',"usage":null' if usage else "") + "}\n\n"
+        body = json.dumps(text, ensure_ascii=False)
+        field = f'"delta":{{"content":{body}}}' if self.kind == "chat" else f'"text":{body}'
+        return f'{self._prefix},"choices":[{{"index":{index},{field}{self._suffix}'
+
     async def _events(self, first: list[list[Any]]) -> AsyncIterator[str]:
         out: list[str] = []
         if self.kind == "chat":
@@ -396,7 +409,7 @@ class Generation:
                         yield "".join(out) + sse(err.body()) + "data: [DONE]\n\n"
                         return
                     if ev.text:
-                        out.append(sse(self._chunk(i, ev.text, None)))
+                        out.append(self._text_event(i, ev.text))
                     if ev.finish_reason is not None:
                         out.append(sse(self._chunk(i, None if self.kind == "chat" else "", ev.finish_reason)))
             if out:

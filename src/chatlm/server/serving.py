@@ -49,7 +49,7 @@ def default_model_name(checkpoint: Path, meta: dict) -> str:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A bound socket (port 0: any free port), or one line naming the key."""
+    """A listening socket (port 0: any free port), or one line naming the key."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -59,6 +59,7 @@ def listen(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # clients may connect from now on (uvicorn accepts once it runs)
     except OSError as e:
         sock.close()
         raise ConfigError(
@@ -189,6 +190,7 @@ def serve(cfg: Any, run: Any) -> dict:
     try:
         server.run(sockets=[sock])
     finally:
+        svc.scheduler.stop()  # already stopped by the app's shutdown, unless a second Ctrl-C forced the exit
         if request_log is not None:
             request_log.close()
         sock.close()
