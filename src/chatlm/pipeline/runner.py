@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from chatlm.errors import ChatlmError, Interrupted, UsageError
+from chatlm.errors import ChatlmError, Interrupted, Preempted, UsageError
 from chatlm.pipeline.spec import RESUMABLE, Pipeline, Stage, substitute
 from chatlm.runtime.rundir import read_json, write_json
 
@@ -188,7 +188,7 @@ class Runner:
             entry["command"] = shlex.join(run)
             cmd = [self.o.python, "-m", "chatlm.cli", *run[1:]] if run[0] == "chatlm" else run
             t0 = time.time()
-            code = subprocess.call(cmd, env=self.o.env)
+            code = call_forwarding_signals(cmd, self.o.env)
             entry.update(
                 status="completed" if code == 0 else "failed", exit_code=code, wall_s=round(time.time() - t0, 1)
             )
@@ -233,7 +233,7 @@ class Runner:
         self._write()
         t0 = time.time()
         if stage.has_run_dir:
-            code = subprocess.call(cmd, env=self.o.env)
+            code = call_forwarding_signals(cmd, self.o.env)
         else:
             code = self._capture(stage, cmd, entry)
         entry["wall_s"] = round(time.time() - t0, 1)
@@ -241,10 +241,18 @@ class Runner:
             entry["status"] = "completed"
             self._write()
             return
-        entry.update(status="interrupted" if code in (130, -signal.SIGINT) else "failed", exit_code=code)
+        stopped = (read_json(run_dir / "run.json") or {}).get("status") if stage.has_run_dir else None
+        if code in (130, -signal.SIGINT) or stopped == "interrupted":
+            entry.update(status="interrupted", exit_code=code)
+        elif stopped == "preempted":
+            entry.update(status="preempted", exit_code=code)
+        else:
+            entry.update(status="failed", exit_code=code)
         self._write()
         if entry["status"] == "interrupted":
             raise Interrupted(f"stage {stage.name} was interrupted; run the same command again to continue")
+        if entry["status"] == "preempted":
+            raise Preempted(f"stage {stage.name} stopped with a checkpoint; run the same command again to continue")
         where = f" (its log: {run_dir / 'logs' / 'rank0.log'})" if stage.has_run_dir else ""
         raise StageFailed(f"stage {stage.name} failed with exit code {code}{where}; fix it and run the same command")
 
@@ -258,6 +266,24 @@ class Runner:
             write_json(self.dir / f"{stage.name}.json", {"command": entry["command"]})
             entry["output"] = str(out)
         return proc.returncode
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def call_forwarding_signals(cmd: list[str], env: Optional[dict[str, str]]) -> int:
+    """Run `cmd` to its end and return its exit code. SIGTERM/SIGUSR1/SIGUSR2 sent to the pipeline
+    (Slurm's time-limit warning, a preemption) are passed on to the stage, which checkpoints and
+    stops; Ctrl-C reaches the stage through the terminal's process group, so it is ignored here."""
+    proc = subprocess.Popen(cmd, env=env)
+    old = {sig: signal.signal(sig, lambda signum, _frame: proc.send_signal(signum)) for sig in FORWARDED}
+    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def default_directory(pipeline: Pipeline) -> Path:
