@@ -184,3 +184,34 @@ def test_report_of_one_run_and_bad_dirs(tmp_path, smoke_train_run):
         [sys.executable, "-m", "chatlm.cli", "report", str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert bad.returncode == 2 and "neither a pipeline directory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sigterm_to_the_pipeline_checkpoints_the_stage_and_a_rerun_resumes(tmp_path):
+    """What Slurm's time-limit signal does to `chatlm pipeline run` (launch/slurm/speedrun.sbatch):
+    the running stage gets the signal, checkpoints and stops as preempted; the same command resumes it."""
+    import signal
+    import time
+
+    spec = write(
+        tmp_path,
+        "name: one\nstages:\n  - name: base\n    app: train\n"
+        "    args: [debug=smoke, eval_tokens=1024, steps=400, eval_every=-1]\n",
+    )
+    env = stage_env(tmp_path)
+    cmd = [sys.executable, "-m", "chatlm.cli", "pipeline", "run", str(spec), "--dir", str(tmp_path / "p")]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "p" / "base" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (metrics.exists() and metrics.read_text().count("\n") >= 3)
+    ):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1 and "stopped with a checkpoint" in err, err[-2000:]
+    record = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    assert record["stages"][0]["status"] == "preempted"
+    assert load_record(tmp_path / "p" / "base")["status"] == "preempted"
+    assert (tmp_path / "p" / "base" / "checkpoints" / "latest").exists()
