@@ -27,6 +27,7 @@ from chatlm.config.fields import setting
 from chatlm.config.model import AttentionBackend, KernelChoice, ModelConfig, QKVMatmul
 from chatlm.config.optim import OptimConfig, OptimKind, ScheduleConfig, ScheduleKind
 from chatlm.config.registry import GROUP_SCHEMAS, STAGE_SCHEMAS, schema_fields, stage_schema
+from chatlm.config.rl import RL_TASK_KINDS, RLConfig, RLSettings, RLTaskConfig
 from chatlm.config.runtime import (
     COMPILE_MODES,
     ClusterInfo,
@@ -66,6 +67,10 @@ __all__ = [
     "ChatSourceConfig",
     "MixtureConfig",
     "SFTConfig",
+    "RL_TASK_KINDS",
+    "RLConfig",
+    "RLSettings",
+    "RLTaskConfig",
     "BENCH_TASKS",
     "COMPILE_MODES",
     "GROUP_SCHEMAS",

@@ -7,6 +7,7 @@ from __future__ import annotations
 from chatlm.config.data import DataConfig, TokenizerConfig
 from chatlm.config.model import ModelConfig
 from chatlm.config.optim import OptimConfig, ScheduleConfig
+from chatlm.config.rl import RLConfig, RLSettings, RLTaskConfig
 from chatlm.config.runtime import (
     ClusterInfo,
     DebugInfo,
@@ -46,6 +47,8 @@ GROUP_SCHEMAS: dict[str, type] = {
     "debug": DebugInfo,
     "eval": EvalSuiteConfig,
     "mixture": MixtureConfig,
+    "rl_task": RLTaskConfig,
+    "rl": RLSettings,  # the rl.* keys of conf/rl.yaml: a nested node, not a conf/ directory
 }
 
 #: the root schema of each stage's primary config (conf/<stage>.yaml)
@@ -58,6 +61,7 @@ STAGE_SCHEMAS: dict[str, type] = {
     "chat": ChatConfig,
     "serve": ServeConfig,
     "sft": SFTConfig,
+    "rl": RLConfig,
 }
 
 
