@@ -187,4 +187,3 @@ def test_pack_stream_and_out_buffer():
     packer = BestFitPacker(bos_id=BOS)
     packer.add(chunks[0])
     assert packer.pack_row(129, out=out) is out
-

@@ -179,9 +179,8 @@ def test_spelling_never_uses_spelling_bee_eval_words(words_dir):
 
 def test_identity_reads_the_users_yaml(tmp_path):
     p = tmp_path / "me.yaml"
-    p.write_text(
-        "name: Zed\nmaker: Acme Labs\nfacts:\n  - questions: ['Who are you?']\n    answers: ['I am {name} by {maker}.']\n"
-    )
+    facts = "facts:\n  - questions: ['Who are you?']\n    answers: ['I am {name} by {maker}.']\n"
+    p.write_text("name: Zed\nmaker: Acme Labs\n" + facts)
     (conv,) = generated.identity(1, 0, str(p))
     assert conv["messages"][-1]["content"] == "I am Zed by Acme Labs."
     p.write_text("name: Zed\nfacts: [Who are you?]\n")

@@ -96,10 +96,10 @@ def load_words(data_dir: str | Path) -> list[str]:
             if good:
                 return good
     try:
-        words = embedded_words()
+        fallback = embedded_words()
     except DataError:
-        words = []
-    if not words:
+        fallback = []
+    if not fallback:
         raise EvalDataMissing(
             "spelling_bee needs a word list: `apt-get install wamerican` (/usr/share/dict/words) "
             f"or one word per line in {candidates[0]}"
@@ -107,9 +107,9 @@ def load_words(data_dir: str | Path) -> list[str]:
     log.warning(
         "no word list (%s): using the %d words of the embedded corpus; `apt-get install wamerican` for the usual one",
         candidates[0],
-        len(words),
+        len(fallback),
     )
-    return words
+    return fallback
 
 
 _EMBEDDED_WORDS: list[str] = []

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatlm.config.sft import FETCHED_KINDS
 from chatlm.data.chat import generated
 from chatlm.data.shards import DataError
-from chatlm.config.sft import FETCHED_KINDS
 from chatlm.errors import ConfigError
 from chatlm.evals.tasks import refuse_eval_only
 from chatlm.tokenizer.chat_format import conversation_problem
