@@ -32,7 +32,7 @@ HEADLINE = (
     "gsm8k",
     "humaneval",
     "spelling_bee",
-    "mean_reward",
+    "reward",
     "pass@1",
     "train_loss",
 )
@@ -72,7 +72,7 @@ def _curves(run_dir: Path, name: str, out_dir: Path) -> Optional[str]:
     if run is None:
         return None
     png = out_dir / f"{name}_curves.png"
-    drawn = plot_runs([run], ["loss", "val_bpb", "mean_reward"], "step", png, notes=[])
+    drawn = plot_runs([run], ["loss", "val_bpb", "reward"], "step", png, notes=[])
     return png.name if drawn else None
 
 

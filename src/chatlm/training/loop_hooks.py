@@ -50,8 +50,8 @@ def chat_evals(cfg: Any, run: Run, tok: Any, built: Any) -> Callable[[], dict]:
 class RunSummary(Hook):
     """At the end of a run (main rank): what it achieved, where it is, and what to run next."""
 
-    def __init__(self, run: Run, next_steps: Sequence[str]):
-        self.run, self.next_steps = run, list(next_steps)
+    def __init__(self, run: Run, next_steps: Sequence[str], headline: Sequence[str] = ()):
+        self.run, self.next_steps, self.headline = run, list(next_steps), list(headline)
         self.t0 = time.time()
 
     def on_end(self, trainer: Any, final: dict) -> None:
@@ -59,15 +59,16 @@ class RunSummary(Hook):
             return
         d = shlex.quote(str(self.run.path))
         steps = [f"chatlm runs show {d}", f"chatlm runs plot {d} --metric val_bpb --out val_bpb.png", *self.next_steps]
+        scores = [f"train loss {final['train_loss']:.4f}"]
+        if isinstance(final.get("val_bpb"), float) and math.isfinite(final["val_bpb"]):
+            scores.append(f"val bpb {final['val_bpb']:.4f} (best {final.get('min_val_bpb', math.nan):.4f})")
+        scores += [f"{k} {final[k]:.4f}" for k in self.headline if isinstance(final.get(k), (int, float))]
         log.info(
-            "done: %d steps, %s tokens in %s | train loss %.4f | val bpb %.4f (best %.4f)\n  run directory: %s\n"
-            "next:\n  %s",
+            "done: %d steps, %s tokens in %s | %s\n  run directory: %s\nnext:\n  %s",
             final["steps"],
             f"{final['tokens']:,}",
             format_duration(time.time() - self.t0),
-            final["train_loss"],
-            final.get("val_bpb", math.nan),
-            final.get("min_val_bpb", math.nan),
+            " | ".join(scores),
             self.run.path,
             "\n  ".join(steps),
         )
@@ -106,10 +107,12 @@ def loop_hooks(
     evals: Sequence[EvalSpec] = (),
     samples: Optional[Callable[[int], None]] = None,
     next_steps: Sequence[str] = (),
+    headline: Sequence[str] = (),
 ) -> list:
     """The hooks of a training run. `cfg` has the loop keys (chatlm.config.stages.LoopConfig);
     `meta` is what every checkpoint's meta.json records; `val_bpb` None skips validation;
-    `samples` replaces nanochat's fixed-prompt samples (SampleWriter)."""
+    `samples` replaces nanochat's fixed-prompt samples (SampleWriter); `headline`: final metrics the
+    closing summary prints beside the loss (the stage's own, e.g. RL's reward)."""
     ctx = run.ctx
     metrics = MetricLogger(run, cfg.logger, total_steps=total_steps, resume_step=resumed_at)
     checkpoint = CheckpointHook(
@@ -137,5 +140,5 @@ def loop_hooks(
         ),
         ProfilerHook(profiler),
         StopHook(checkpoint, cfg.stop_at_step, resume_hint(run)),
-        RunSummary(run, next_steps),
+        RunSummary(run, next_steps, headline=[*headline, *(k for spec in specs for k in spec[2])]),
     ]

@@ -38,7 +38,7 @@ from chatlm.training.build import TrainingSchedule, build_training_model
 from chatlm.training.checkpointing import restore, resume_source
 from chatlm.training.hooks import EvalHook, Hook, LogHook
 from chatlm.training.loop_hooks import loop_hooks
-from chatlm.training.sft import find_base
+from chatlm.training.source import Base, find_base
 from chatlm.training.trainer import Trainer
 
 log = logging.getLogger("chatlm")
@@ -130,7 +130,7 @@ def _samples(run: Run, rollouts: StepRollouts):
 class Prepared:
     """What `rl` reads before building anything: the checkpoint, the task, its prompts and the plan."""
 
-    base: Any  # chatlm.training.sft.Base
+    base: Base
     task: ProblemTask
     problems: list  # the training problems whose prompt fits
     prompts: list[list[int]]
@@ -139,7 +139,7 @@ class Prepared:
 
 def prepare(cfg: RLConfig, run: Run) -> Prepared:
     s = cfg.rl
-    base = find_base(cfg)  # type: ignore[arg-type]  # (reads only init_from and tokenizer_dir)
+    base = find_base(cfg.init_from, cfg.tokenizer_dir, "RL")
     tok, seq_len = base.tokenizer, base.model.sequence_len
     stage = base.meta.get("stage", "train")
     log.info("RL of %s (stage %s, step %s)", base.step_dir, stage, base.meta.get("step"))
@@ -266,6 +266,7 @@ def rl_hooks(
         resumed_at=resumed_at,
         samples=_samples(run, rollouts),
         next_steps=[f"python -m chatlm.chat ckpt={d}", f"python -m chatlm.eval ckpt={d} eval=chat"],
+        headline=("reward", "pass@1", f"pass@{cfg.rl.pass_k}"),
     )
     metrics = next(h for h in hooks if isinstance(h, LogHook)).metrics
     ours: list[Hook] = [RolloutLog(rollouts, metrics, cfg.log_every)]

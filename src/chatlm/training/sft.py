@@ -17,12 +17,11 @@ from __future__ import annotations
 import logging
 import shlex
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from chatlm.config import NANOCHAT_SPECIAL_TOKENS, ConfigError, ModelConfig
+from chatlm.config import ConfigError
 from chatlm.config.sft import SFTConfig
 from chatlm.data.chat.mixture import Mixture, build_mixture
 from chatlm.data.chat.rows import Rendered, SFTBatches, batches_of, padding_fraction, rank_rows, render_all
@@ -30,56 +29,18 @@ from chatlm.model.fp8 import fp8_disabled
 from chatlm.optim import build_optimizer
 from chatlm.optim.loss_scale import LossScaler
 from chatlm.runtime import checkpoint as ckpt
-from chatlm.runtime import lineage
 from chatlm.runtime.model_loading import (
-    TokenizerMismatch,
-    checkpoint_tokenizer,
     load_weights,
-    model_config_from_meta,
     tokenizer_record,
 )
 from chatlm.runtime.rundir import Run, config_hash
 from chatlm.training.build import TrainingSchedule, build_training_model
 from chatlm.training.checkpointing import restore, resume_source
 from chatlm.training.loop_hooks import loop_hooks
+from chatlm.training.source import Base, find_base
 from chatlm.training.trainer import Trainer
 
 log = logging.getLogger("chatlm")
-
-
-@dataclass(frozen=True)
-class Base:
-    """The checkpoint SFT starts from."""
-
-    step_dir: Path
-    meta: dict
-    tokenizer: Any
-    model: ModelConfig
-
-    def lineage(self) -> list[dict]:
-        """The chain of the fine-tuned model: the base's chain, then the base checkpoint."""
-        return lineage.extend(self.step_dir, self.meta)
-
-
-def find_base(cfg: SFTConfig) -> Base:
-    """The base checkpoint, its tokenizer (which must have the chat tokens) and architecture."""
-    try:
-        step_dir = ckpt.find_checkpoint(cfg.init_from)
-    except ckpt.CheckpointError as e:
-        raise ConfigError("init_from", str(e)) from None
-    meta = ckpt.read_meta(step_dir)
-    try:
-        tok = checkpoint_tokenizer(step_dir, meta, cfg.tokenizer_dir)
-    except (ckpt.CheckpointError, TokenizerMismatch) as e:
-        raise ConfigError("tokenizer_dir" if cfg.tokenizer_dir else "init_from", str(e)) from None
-    missing = [t for t in NANOCHAT_SPECIAL_TOKENS if t not in tok.special_tokens]
-    if missing:
-        raise ConfigError(
-            "init_from",
-            f"{step_dir}: its tokenizer has no {', '.join(missing)}: SFT renders conversations with "
-            "the chat tokens (train the base model with a chatlm tokenizer)",
-        )
-    return Base(step_dir, meta, tok, model_config_from_meta(meta, str(step_dir / "meta.json")))
 
 
 @dataclass(frozen=True)
@@ -252,7 +213,7 @@ def sft_trainer(cfg: SFTConfig, run: Run, base: Base, data: SFTData, built: Any)
 
 def sft(cfg: SFTConfig, run: Run) -> dict:
     ctx = run.ctx
-    base = find_base(cfg)
+    base = find_base(cfg.init_from, cfg.tokenizer_dir, "SFT")
     tok = base.tokenizer
     log.info(
         "fine-tuning %s (stage %s, step %s)", base.step_dir, base.meta.get("stage", "train"), base.meta.get("step")
