@@ -107,6 +107,11 @@ TINY = [
     "mixture.sources.spelling.size=60 mixture.sources.arithmetic.size=60 mixture.sources.identity.size=60",
     "--var",
     "chat_eval_args=eval.tasks=[arc_easy,spelling_bee] eval.max_examples=3 eval.max_new_tokens=16",
+    "--var",
+    "rl_args=rl_task=arithmetic steps=2 rl.top_k=0 rl.num_samples=2 rl.examples_per_step=2 rl.max_new_tokens=8 "
+    "rl.eval_examples=2 rl.pass_k=2 hardware=cpu precision=fp32",
+    "--with",
+    "rl",
 ]
 
 
@@ -131,14 +136,17 @@ def test_shrunken_quickstart_end_to_end_then_skips_and_resumes(tmp_path, index):
         "core": "completed",
         "sft": "completed",
         "chat_eval": "completed",
-        "rl": "not_selected",
+        "rl": "completed",
         "sample": "completed",
     }
     assert [s["status"] for s in record["setup"]] == ["completed", "completed"]
-    for name in ("tokenizer", "base", "base_eval", "core", "sft", "chat_eval"):
+    for name in ("tokenizer", "base", "base_eval", "core", "sft", "chat_eval", "rl"):
         assert load_record(d / name)["status"] == "completed", name
     # the hand-offs: each stage read the previous one's run directory
     assert load_record(d / "sft")["lineage"][-1]["run_dir"] == str(d / "base")
+    chain = load_record(d / "rl")["lineage"]
+    assert [link["stage"] for link in chain] == ["tokenizer", "train", "sft"] and chain[-1]["run_dir"] == str(d / "sft")
+    assert "ckpt=" + str(d / "rl") in json.loads((d / "pipeline.json").read_text())["stages"][-1]["command"]
     assert json.loads((d / "chat_eval" / "results.json").read_text())["evaluated"]["run_dir"] == str(d / "sft")
     sample = (d / "sample.txt").read_text().strip()
     assert sample, "the final chat answer is empty"
@@ -147,16 +155,16 @@ def test_shrunken_quickstart_end_to_end_then_skips_and_resumes(tmp_path, index):
         assert section in report, section
     assert "| core | eval | completed |" in report and "core_partial" in report
     assert "![base curves](base_curves.png)" in report and (d / "base_curves.png").stat().st_size > 1000
-    assert f"python -m chatlm.serve ckpt={d / 'sft'}" in report
+    assert f"python -m chatlm.serve ckpt={d / 'rl'}" in report and "-> rl " in report
     assert "chatlm report" not in r.stderr and "Traceback" not in r.stderr
 
     # the same command again: every stage is done, nothing runs
     again = pipeline(tmp_path, env, *TINY, *fetch)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done earlier") == 7 and "python -m chatlm.train" not in again.stdout.split("stages:")[0]
+    assert again.stdout.count("done earlier") == 8 and "python -m chatlm.train" not in again.stdout.split("stages:")[0]
 
     # a changed stage config is refused rather than silently overwritten
-    changed = pipeline(tmp_path, env, *TINY[:-2], "--var", "chat_eval_args=eval.tasks=[arc_easy] eval.max_examples=2")
+    changed = pipeline(tmp_path, env, *TINY, "--var", "chat_eval_args=eval.tasks=[arc_easy] eval.max_examples=2")
     assert changed.returncode == 2 and "chat_eval completed earlier" in changed.stderr
 
     # an interrupted SFT resumes in its directory, and the stages after it run again
