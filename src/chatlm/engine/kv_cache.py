@@ -137,7 +137,8 @@ class DecodeView:
         if span not in self._masks:
             rows = torch.arange(span, device=self.pos.device)
             hidden = rows[None, :] > self.pos[:, None]
-            bias = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+            dtype = self.cache.k[0].dtype if hidden.is_cuda else torch.float32  # see single_query_attention
+            bias = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device)
             self._masks[span] = bias.masked_fill_(hidden, float("-inf")).view(self.n, 1, 1, span)
         return self._masks[span]
 
