@@ -101,6 +101,15 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def process_cpu_s(pid: int) -> Optional[float]:
+    """User + system CPU seconds of a process so far (Linux /proc), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def sync(device: Any) -> None:
     import torch
 
@@ -198,16 +207,18 @@ async def stream_one(host: str, port: int, body: bytes) -> dict:
     while (await reader.readline()) not in (b"\r\n", b""):
         pass
     first: Optional[float] = None
-    tokens = 0
-    async for raw in reader:
-        if not raw.startswith(b"data: "):
-            continue
-        if first is None:
+    tail = b""
+    while True:  # read whatever has arrived (often many events at once); parse only the usage at the end
+        data = await reader.read(1 << 16)
+        if not data:
+            break
+        if first is None and b"data: " in data:
             first = time.perf_counter()
-        if b'"usage":{' in raw:
-            tokens = json.loads(raw[6:])["usage"]["completion_tokens"]
+        tail = (tail + data)[-4096:]
     end = time.perf_counter()
     writer.close()
+    usage = tail.rsplit(b'"usage":', 1)[1].split(b"}", 1)[0] + b"}" if b'"usage":{' in tail else b"{}"
+    tokens = json.loads(usage).get("completion_tokens", 0)
     return {"start": t0, "first": first or end, "end": end, "tokens": tokens}
 
 
@@ -320,7 +331,13 @@ def main() -> None:
         asyncio.run(round_of(url, 1, 1, prompts, args.new_tokens))  # warm-up
         for c in counts:
             print(f"serving: {c} client(s) x {args.requests} requests", flush=True)
-            rounds.append(asyncio.run(round_of(url, c, args.requests, prompts, args.new_tokens)))
+            server0, client0 = process_cpu_s(proc.pid), time.process_time()
+            r = asyncio.run(round_of(url, c, args.requests, prompts, args.new_tokens))
+            server1 = process_cpu_s(proc.pid)
+            # CPU seconds per wall second: how much of the machine the server and the clients used
+            r["client_cpu_per_s"] = (time.process_time() - client0) / r["wall_s"]
+            r["server_cpu_per_s"] = None if server0 is None or server1 is None else (server1 - server0) / r["wall_s"]
+            rounds.append(r)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
@@ -336,12 +353,13 @@ def main() -> None:
 
     print(f"\n{info['device']} | torch {info['torch']} | depth {info['depth']} | {info['dtype']}")
     print(f"prompt {prompt_tokens} tokens, {args.new_tokens} new tokens, {args.requests} requests per client\n")
-    print("| clients | requests/s | output tok/s | TTFT p50 (ms) | TTFT p99 (ms) | per-request tok/s |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | requests/s | output tok/s | TTFT p50 ms | TTFT p99 ms | tok/s per request | CPU server/clients |")
+    print("|---|---|---|---|---|---|---|")
     for r in rounds:
+        cpu = f"{r['server_cpu_per_s']:.2f} / {r['client_cpu_per_s']:.2f}" if r["server_cpu_per_s"] is not None else "-"
         print(
             f"| {r['clients']} | {r['requests_per_s']:.2f} | {r['output_tok_per_s']:.0f} | {r['ttft_p50_ms']:.0f} | "
-            f"{r['ttft_p99_ms']:.0f} | {r['per_request_tok_per_s'] or 0:.0f} |"
+            f"{r['ttft_p99_ms']:.0f} | {r['per_request_tok_per_s'] or 0:.0f} | {cpu} |"
         )
     print(
         f"\nengine alone, batch {engine['batch']}: decode {engine['decode_tok_per_s']:.0f} tok/s "

@@ -488,12 +488,17 @@ def _error_response(error: APIError) -> JSONResponse:
 def build_app(svc: Service) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc.scheduler.start(asyncio.get_running_loop())
+        s = svc.scheduler
+        if s.own_thread:
+            s.start(asyncio.get_running_loop())
+        else:  # driven by the stage's main thread (Scheduler.run)
+            s.attach(asyncio.get_running_loop())
         try:
             yield
         finally:
             svc.draining = True
-            svc.scheduler.stop()
+            if s.own_thread:
+                s.stop()
 
     app = FastAPI(title="chatlm", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.add_middleware(_CountRequests, svc=svc)  # type: ignore[arg-type]

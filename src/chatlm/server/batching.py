@@ -1,6 +1,7 @@
 """Continuous batching: one `Engine` on one thread, many HTTP requests on the event loop.
 
-The engine thread owns the engine: nothing else touches it. Between two decode steps it takes the
+One thread owns the engine: nothing else touches it (the main thread in `python -m chatlm.serve`,
+`run()`; a thread of its own with `start()`). Between two decode steps it takes the
 requests submitted since the last step (`engine.add`: they join at the next step's admission) and
 the cancellations (`engine.cancel`: the slot is free for the next step), then runs `engine.step()`
 and hands that step's events to the event loop in one `call_soon_threadsafe`, where each request's
@@ -74,7 +75,7 @@ class Scheduler:
         *,
         max_queue: int,
         metrics: Optional[ServerMetrics] = None,
-        idle_wait_s: float = 1.0,
+        idle_wait_s: float = 0.1,
     ):
         self._make_engine = make_engine
         self.engine = make_engine()
@@ -83,6 +84,8 @@ class Scheduler:
         self.max_queue = max_queue
         self.metrics = metrics
         self.idle_wait_s = idle_wait_s
+        self.own_thread = True  # start() at the app's startup; False: someone calls run()
+        self._until: Optional[Callable[[], bool]] = None
         self._tickets: dict[int, Ticket] = {}  # event loop only: sequences not yet finished
         self._keys = itertools.count()
         self._cond = threading.Condition()
@@ -113,17 +116,32 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.failure is None
 
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The event loop that receives the events (the app's, set at its startup)."""
+        self._loop = loop
+
     def start(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
-        self._loop = loop or asyncio.get_running_loop()
+        """Drive the engine on a thread of its own (`own_thread`; tests, embedding)."""
+        self.attach(loop or asyncio.get_running_loop())
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="chatlm-engine", daemon=True)
         self._thread.start()
+
+    def run(self, until: Callable[[], bool]) -> None:
+        """Drive the engine on the calling thread until `until()` holds when there is no work left.
+        The serving stage runs it on the main thread, where torch's CPU kernels run fastest (an
+        OpenMP team started from another thread measured up to 1.5x slower); the event loop runs
+        on another thread and `attach`es itself."""
+        self.own_thread = False
+        self._until = until
+        self._thread = threading.current_thread()
+        self._run()
 
     def stop(self, timeout: float = 10.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Ticket]:
@@ -206,6 +224,9 @@ class Scheduler:
             while True:
                 with self._cond:
                     while not (self._stop or self._inbox or self._cancels or self.engine.has_work()):
+                        if self._until is not None and self._until():
+                            self._stop = True
+                            break
                         self._cond.wait(self.idle_wait_s)
                     if self._stop:
                         break

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from chatlm.errors import ConfigError
+from chatlm.errors import ChatlmError, ConfigError
 from chatlm.runtime.rundir import now_iso, read_json
 
 log = logging.getLogger("chatlm")
@@ -76,26 +76,24 @@ def url_of(sock: socket.socket, host: str) -> str:
     return f"http://{shown}:{port}"
 
 
-def _server_class() -> type:
-    import uvicorn
+@contextlib.contextmanager
+def stop_on_signals(server: Any) -> Iterator[None]:
+    """Ctrl-C / SIGTERM ask uvicorn to stop (requests in flight finish); a second Ctrl-C forces it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
-    class Server(uvicorn.Server):
-        """uvicorn's server, except that Ctrl-C / SIGTERM end `run()` normally (no re-raised signal)."""
+    def handle(signum: int, frame: Any) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        server.should_exit = True
 
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            previous = {s: signal.signal(s, self.handle_exit) for s in sigs}
-            try:
-                yield
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-    return Server
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def build_service(
@@ -184,16 +182,25 @@ def serve(cfg: Any, run: Any) -> dict:
         access_log=cfg.access_log,
         timeout_graceful_shutdown=5,
     )
-    server = _server_class()(config)
+    server = uvicorn.Server(config)
+    # HTTP on a thread, the engine on this (main) thread: see Scheduler.run
+    http = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="chatlm-http", daemon=True)
     log.info("serving %s (step %s) as %r on %s, %s", checkpoint, served["step"], name, device, str(dtype))
     print(f"chatlm serve: {url}  (web chat: {url}/ | OpenAI API: {url}/v1 | model: {name})", flush=True)
     try:
-        server.run(sockets=[sock])
+        with stop_on_signals(server):
+            http.start()
+            try:
+                svc.scheduler.run(until=lambda: not http.is_alive())
+            finally:
+                server.should_exit = True
+                http.join(30)
     finally:
-        svc.scheduler.stop()  # already stopped by the app's shutdown, unless a second Ctrl-C forced the exit
         if request_log is not None:
             request_log.close()
         sock.close()
+    if not server.started:
+        raise ChatlmError("the HTTP server did not start (its error is in the log above)")
     m = svc.metrics
     assert m is not None
     return {
