@@ -200,3 +200,19 @@ def test_sft_refuses_a_checkpoint_with_another_tokenizer(tmp_path, base):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "tokenizer" in r.stderr.splitlines()[-1] or "tokenizer" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_sft_schedule_is_nanochats(compose):
+    """chat_sft: LR x init_lr_frac, flat for the first half, linear to 0; Muon momentum 0.85 -> 0.95
+    over 300 steps, then 0.95 to the end (no pretraining ramp to 0.97 nor warmdown to 0.90)."""
+    from chatlm.hydra.app import to_typed
+    from chatlm.training.build import TrainingSchedule
+
+    cfg = to_typed(compose("sft", ["init_from=/some/run"]))
+    schedule = TrainingSchedule(cfg.schedule, cfg.optim, None, lr_scale=cfg.init_lr_frac)
+    hp = [schedule(step, 1000) for step in range(1000)]
+    assert [h.lr_multiplier for h in hp[:501]] == [0.8] * 501
+    assert hp[750].lr_multiplier == pytest.approx(0.4) and hp[999].lr_multiplier == pytest.approx(0.8 / 500)
+    assert hp[0].muon_momentum == pytest.approx(0.85) and hp[150].muon_momentum == pytest.approx(0.90)
+    assert all(h.muon_momentum == pytest.approx(0.95) for h in hp[300:])
+    assert all(h.muon_weight_decay is None for h in hp)  # no WD schedule: the groups keep theirs
