@@ -200,14 +200,38 @@ def test_mixture_is_deterministic_holds_out_and_repeats_by_epochs(words_dir):
     a, b = build_mixture(cfg, words_dir), build_mixture(cfg, words_dir)
     assert a.train == b.train and a.val == b.val
     reports = {r.name: r for r in a.reports}
-    assert reports["identity"].val == 10 and reports["identity"].train == 180
+    # identity repeats its templates: the 8 conversations equal to a held-out one are left out too
+    assert reports["identity"].val == 10 and reports["identity"].train == 2 * (90 - 8)
     assert reports["arithmetic"].train == 45
-    assert len(a.train) == 225 and len(a.val) == 20
+    assert len(a.train) == 164 + 45 and len(a.val) == 20
     held = {json.dumps(c, sort_keys=True) for c in a.val if c in generated.arithmetic(100, cfg.seed)}
     trained = {json.dumps(c, sort_keys=True) for c in a.train}
     assert held and not (held & trained)  # held-out arithmetic problems are never trained on
     cfg.seed = 8
     assert build_mixture(cfg, words_dir).train != a.train
+
+
+def test_held_out_conversations_are_never_trained_on_even_where_they_recur(words_dir, tmp_path):
+    # identity draws from a few templates (repeats), and one file may feed two sources
+    convs = [
+        {"messages": [{"role": "user", "content": f"q{i % 7}"}, {"role": "assistant", "content": f"a{i % 7}"}]}
+        for i in range(40)
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    cfg = mixture(
+        identity={"kind": "identity", "size": 200, "epochs": 2.0},
+        arithmetic={"kind": "arithmetic", "size": 100, "epochs": 0.5},
+        mine={"kind": "jsonl", "path": str(path), "epochs": 1.5},
+        again={"kind": "jsonl", "path": str(path)},
+    )
+    cfg.val_fraction = 0.1
+    m = build_mixture(cfg, words_dir)
+    key = lambda c: json.dumps(c["messages"], sort_keys=True)  # noqa: E731
+    held = [key(c) for c in m.val]
+    assert len(held) == len(set(held)) == sum(r.val for r in m.reports) > 0
+    assert not set(held) & {key(c) for c in m.train}
+    assert {r.name: r.val for r in m.reports}["identity"] == 20 and m.train  # still trains on the rest
 
 
 def test_mixture_refuses_eval_only_splits(words_dir, tmp_path):

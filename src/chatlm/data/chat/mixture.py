@@ -115,6 +115,24 @@ def source_conversations(name: str, source: Any, cfg: Any, words_dir: str) -> tu
     return read_conversations(path, source.max_examples)
 
 
+def _content_key(conv: dict) -> str:
+    """What a conversation says (its messages), as one string: equal keys train the same tokens."""
+    return json.dumps(conv.get("messages"), sort_keys=True, ensure_ascii=False)
+
+
+def _distinct(order: list[int], keys: list[str], n: int, taken: set[str]) -> list[int]:
+    """The first `n` indices of `order` whose conversations differ from each other and from `taken`."""
+    picked: list[int] = []
+    seen = set(taken)
+    for i in order:
+        if len(picked) >= n:
+            break
+        if keys[i] not in seen:
+            seen.add(keys[i])
+            picked.append(i)
+    return picked
+
+
 def _repeat(convs: list[dict], epochs: float, rng: random.Random) -> list[dict]:
     """`epochs` passes over convs: whole passes, then a random fraction of one more."""
     whole, frac = int(epochs), epochs - int(epochs)
@@ -131,19 +149,29 @@ def build_mixture(cfg: Any, words_dir: str) -> Mixture:
         refuse_eval_only(name, key)
         if source.path:
             refuse_eval_only(str(source.path), f"{key}.path")
-    train: list[dict] = []
     val: list[dict] = []
-    reports = []
+    val_keys: set[str] = set()
+    read = []
     for name, source in sorted(cfg.sources.items()):
         convs, bad = source_conversations(name, source, cfg, words_dir)
         rng = random.Random(f"{cfg.seed}:{name}")
         order = list(range(len(convs)))
         rng.shuffle(order)
-        n_val = min(cfg.max_val, int(len(convs) * cfg.val_fraction)) if len(convs) > 1 else 0
-        held, kept = [convs[i] for i in order[:n_val]], [convs[i] for i in order[n_val:]]
+        keys = [_content_key(c) for c in convs]
+        fresh = set(keys) - val_keys  # what no earlier source holds out; one is left to train on
+        n_val = max(0, min(cfg.max_val, int(len(convs) * cfg.val_fraction), len(fresh) - 1))
+        held = _distinct(order, keys, n_val, val_keys)
+        val += [convs[i] for i in held]
+        val_keys.update(keys[i] for i in held)
+        read.append((name, source, convs, keys, order, rng, len(held), bad))
+    # a held-out conversation is never trained on, also where it recurs (generated duplicates, a
+    # file listed twice): training keeps only what no source held out
+    train: list[dict] = []
+    reports = []
+    for name, source, convs, keys, order, rng, n_val, bad in read:
+        kept = [convs[i] for i in order if keys[i] not in val_keys]
         repeated = _repeat(kept, source.epochs, rng)
         train += repeated
-        val += held
         reports.append(SourceReport(name, source.kind, len(convs), n_val, len(repeated), source.epochs, bad))
     if not train:
         raise ConfigError("mixture.sources", "the mixture holds no training conversations")
