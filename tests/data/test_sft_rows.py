@@ -138,8 +138,11 @@ def test_batches_resume_exactly_and_wrap_epochs(tok):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
     assert not torch.equal(seen[0][0], seen[1][0])
     other = SFTBatches(render_all(tok, convs[:-1], 200), rows[:-1], 2, 200, tok.bos_id, "cpu")
-    with pytest.raises(ValueError, match="other conversations"):
+    # a resume onto other data, or from another stage's checkpoint, is one line (a ChatlmError)
+    with pytest.raises(DataError, match="other conversations"):
         other.load_state_dict(state)
+    with pytest.raises(DataError, match="not an SFT loader state .* init_from"):
+        other.load_state_dict({"kind": "rl", "step": 3, "index": 0})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 
+from chatlm.data.shards import DataError
 from chatlm.engine.engine import Engine, SamplingParams
 from chatlm.engine.tools import ToolTokens
 from chatlm.rollouts.objective import MicroBatch, group_advantages
@@ -340,7 +341,10 @@ class RolloutBatches:
 
     def _check(self, state: dict) -> None:
         if state.get("kind") != "rl":
-            raise ValueError(f"not an RL rollout state (kind {state.get('kind')!r})")
+            raise DataError(
+                f"not an RL rollout state (kind {state.get('kind')!r}): resume continues an RL run; "
+                "start RL from another stage's checkpoint with init_from"
+            )
 
     def load_state_dict(self, state: dict) -> None:
         self._check(state)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from chatlm.data.packing import LengthSortedBuffer
+from chatlm.data.shards import DataError
 from chatlm.tokenizer.chat_format import render_conversation
 
 log = logging.getLogger("chatlm")
@@ -194,9 +195,12 @@ class SFTBatches:
 
     def _check(self, state: dict) -> None:
         if state.get("kind") != "sft":
-            raise ValueError(f"not an SFT loader state (kind {state.get('kind')!r})")
+            raise DataError(
+                f"not an SFT loader state (kind {state.get('kind')!r}): resume continues an SFT run; "
+                "start from another stage's checkpoint with init_from"
+            )
         if state.get("data") != self.fingerprint:
-            raise ValueError(
+            raise DataError(
                 "the checkpoint was trained on other conversations (the mixture, its sources or the "
                 "tokenizer changed): resume with the same mixture, or start a new run (resume=never)"
             )
