@@ -192,6 +192,10 @@ def test_identity_reads_the_users_yaml(tmp_path):
     p.write_text("name: Zed\n")
     with pytest.raises(DataError, match="needs string fields 'name' and 'maker'|facts"):
         generated.identity(1, 0, str(p))
+    for answer, why in [("I am {name}, {age} years old.", "'age'"), ("I like {curly braces", "expected '}'")]:
+        p.write_text(f"name: Zed\nmaker: Acme\nfacts:\n  - questions: ['Who are you?']\n    answers: [{answer!r}]\n")
+        with pytest.raises(DataError, match=rf"{p}: facts\[0\]\.answers\[0\].*{{name}} and {{maker}}.*{why}"):
+            generated.identity(1, 0, str(p))
 
 
 def test_mixture_is_deterministic_holds_out_and_repeats_by_epochs(words_dir):

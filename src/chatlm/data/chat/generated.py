@@ -59,6 +59,14 @@ def read_identity(path: Optional[str]) -> dict:
             items = fact.get(key) if isinstance(fact, dict) else None
             if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
                 raise DataError(f"identity file {where}: facts[{n}].{key} must be a non-empty list of strings")
+        for m, answer in enumerate(fact["answers"]):
+            try:
+                answer.format(name=data["name"], maker=data["maker"])
+            except (KeyError, IndexError, ValueError) as e:
+                raise DataError(
+                    f"identity file {where}: facts[{n}].answers[{m}] {answer!r}: only {{name}} and {{maker}} are "
+                    f"filled in (write a literal brace twice, {{{{ or }}}}): {type(e).__name__}: {e}"
+                ) from e
     return data
 
 
