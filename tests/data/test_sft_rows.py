@@ -3,6 +3,7 @@ conversations, and the batches the trainer reads (exact targets, resume by curso
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -288,3 +289,33 @@ def test_missing_fetched_source_names_the_command(tmp_path, words_dir):
     cfg.data_dir = str(tmp_path / "nothing")
     with pytest.raises(DataError, match="chatlm fetch sft --sources chatterbot"):
         build_mixture(cfg, words_dir)
+
+
+def test_sft_validation_scores_at_most_eval_tokens(tok, monkeypatch):
+    """nanochat scores eval_tokens // (B x T x ranks) batches of the held-out rows; a smaller
+    held-out set is scored whole."""
+    from types import SimpleNamespace
+
+    import chatlm.evals.bpb
+    from chatlm.training.sft import _val_bpb
+
+    B, T = 2, 256
+    val = render_all(tok, generated.arithmetic(60, seed=5), T + 1)
+    assert len(val) == 60
+    seen: list[int] = []
+    monkeypatch.setattr(
+        chatlm.evals.bpb,
+        "evaluate_bpb",
+        lambda model, batches, token_bytes, max_steps=None: seen.append(
+            sum(1 for _ in itertools.islice(batches, max_steps))
+        ),
+    )
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    built = SimpleNamespace(model=torch.nn.Linear(1, 1), fp8_linears=0, train_model=None)
+    plan = SimpleNamespace(seq_len=T, device_batch_size=B)
+    whole = -(-len(plan_rows(range(len(val)), val.lengths, T + 1, 100)) // B)
+    for eval_tokens, batches in [(3 * B * T, 3), (3 * B * T + 5, 3), (10**9, whole)]:
+        cfg = SimpleNamespace(buffer_size=100, eval_tokens=eval_tokens)
+        evaluate = _val_bpb(cfg, SimpleNamespace(ctx=ctx), SimpleNamespace(tokenizer=tok), built, plan, val)
+        evaluate()
+        assert seen[-1] == batches and whole > 3

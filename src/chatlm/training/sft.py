@@ -136,11 +136,12 @@ def _val_bpb(cfg: SFTConfig, run: Run, base: Base, built: Any, plan: SFTPlan, va
     ctx, cap, tok = run.ctx, plan.seq_len + 1, base.tokenizer
     rows = rank_rows(val, cap, cfg.buffer_size, ctx.rank, ctx.world_size)
     token_bytes = tok.token_bytes_tensor(ctx.device)
+    steps = max(1, cfg.eval_tokens // (plan.device_batch_size * plan.seq_len * ctx.world_size))  # nanochat
 
     def evaluate() -> float:
         batches = batches_of(val, rows, plan.device_batch_size, cap, tok.bos_id, ctx.device)
         with fp8_disabled(built.model) as plain:
-            return evaluate_bpb(plain if built.fp8_linears else built.train_model, batches, token_bytes)
+            return evaluate_bpb(plain if built.fp8_linears else built.train_model, batches, token_bytes, steps)
 
     return evaluate
 
