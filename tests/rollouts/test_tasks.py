@@ -162,6 +162,13 @@ def test_jsonl_task_holds_out_its_eval_slice(tmp_path):
     assert len(task.prompts()) == 25 and len(task.eval_split()) == 5
     assert not {p.question for p in task.prompts()} & {p.question for p in task.eval_split()}
     assert all(p.answer == p.question[1:] for p in task.prompts())
+    # a question the file repeats is held out with every copy: pass@k never scores a trained prompt
+    rows = [{"question": f"q{i % 10}", "answer": f"#### {i % 10}"} for i in range(30)]
+    cfg = RLTaskConfig(name="mine", kind="jsonl", path=str(_write(tmp_path / "r.jsonl", rows)), eval_size=3)
+    task = build_task(cfg, 0.0, str(tmp_path), eval_examples=400)
+    held = {p.question for p in task.eval_split()}
+    assert len(task.eval_split()) == 3 and not held & {p.question for p in task.prompts()}
+    assert len(task.prompts()) == 30 - 3 * len(held)
 
 
 def test_task_files_bad_input(tmp_path):

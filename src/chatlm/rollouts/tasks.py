@@ -156,7 +156,8 @@ def build_task(cfg: Any, format_reward: float, evals_dir: str, eval_examples: in
             random.Random(cfg.seed).shuffle(order)
             held = set(order[: min(cfg.eval_size, eval_examples, len(train) - 1)])
             evaluation = [p for i, p in enumerate(train) if i in held]
-            train = [p for i, p in enumerate(train) if i not in held]
+            # every copy of a held-out question leaves training (files repeat questions)
+            train = _disjoint([p for i, p in enumerate(train) if i not in held], evaluation)
         if cfg.max_examples > 0:
             train = train[: cfg.max_examples]
     else:  # the schema refuses other kinds
