@@ -22,6 +22,10 @@ fi
 export PYTHONUNBUFFERED=1
 export CHATLM_OUTPUT_ROOT=${CHATLM_OUTPUT_ROOT:-/tmp/outputs} CHATLM_CACHE_DIR=${CHATLM_CACHE_DIR:-/tmp/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# the device image has no rustbpe: a carried 32K tokenizer (.gpucache/tok32k) stands in for training one
+if [ -d .gpucache/tok32k ] && [ ! -d "$CHATLM_CACHE_DIR/tokenizer/bpe32k" ]; then
+  mkdir -p "$CHATLM_CACHE_DIR/tokenizer" && cp -r .gpucache/tok32k "$CHATLM_CACHE_DIR/tokenizer/bpe32k"
+fi
 MODEL=${MODEL:-d20}; TOKENIZER=${TOKENIZER:-bpe32k}; HW=${HW:-auto}; SLOTS=${SLOTS:-"64 256"}; STEPS=${STEPS:-8}
 PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU"; } | tee "$OUT/gpu.txt"

@@ -14,6 +14,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="$PWD/src:/tmp/site" PYTHONUNBUFFERED=1
 export CHATLM_OUTPUT_ROOT=${CHATLM_OUTPUT_ROOT:-/tmp/outputs} CHATLM_CACHE_DIR=${CHATLM_CACHE_DIR:-/tmp/cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# the device image has no rustbpe: a carried 32K tokenizer (.gpucache/tok32k) stands in for training one
+if [ -d .gpucache/tok32k ] && [ ! -d "$CHATLM_CACHE_DIR/tokenizer/bpe32k" ]; then
+  mkdir -p "$CHATLM_CACHE_DIR/tokenizer" && cp -r .gpucache/tok32k "$CHATLM_CACHE_DIR/tokenizer/bpe32k"
+fi
 MODEL=${MODEL:-d20}; STEPS=${STEPS:-30}; HW=${HW:-auto}; SFT_BATCH=${SFT_BATCH:-524288}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ -d .sftdata ]; then mkdir -p "$CHATLM_CACHE_DIR" && cp -r .sftdata "$CHATLM_CACHE_DIR/sft"; fi

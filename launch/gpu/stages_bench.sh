@@ -5,7 +5,9 @@
 #   2. [G] SFT tok/s beside pretraining tok/s (launch/gpu/sft_bench.sh)
 #   3. [S] served tok/s at 1/8/32 streaming clients vs the engine (launch/gpu/serve_bench.sh)
 #   4. [R] RL step split between sampling and training (launch/gpu/rl_bench.sh), with what time is left
-# usage (device tool): bash launch/gpu/stages_bench.sh   with carry [".whl"] (infer_bench.sh's wheels plus
+# usage (device tool): bash launch/gpu/stages_bench.sh   with carry [".whl", ".gpucache"]: .gpucache/tok32k is
+# a 32K tokenizer trained here (python -m chatlm.tokenize tokenizer=bpe32k; the device image has no rustbpe),
+# .whl infer_bench.sh's wheels plus
 # the serve extra's: fastapi, starlette, pydantic, pydantic_core, anyio, sniffio, h11, click, uvicorn,
 # annotated-types, typing-inspection, annotated-doc, idna, downloaded for Python 3.12 as the README says).
 # $OUT gets gpu.txt, infer.json, infer_cudnn.json, sft_bench.json, bench_train.json, bench_serve.json, rl_bench.json.
