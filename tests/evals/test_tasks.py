@@ -23,6 +23,9 @@ def test_every_scored_task_is_registered_eval_only():
         "/home/me/.cache/chatlm/evals/chat/gsm8k.jsonl",
         "evals/chat/humaneval.jsonl",
         "/data/eval_bundle/core/eval_data/world_knowledge/arc_easy.jsonl",
+        "GSM8K",
+        "ARC-Easy",
+        "/data/sft/../evals/chat/mmlu.jsonl/",
     ],
 )
 def test_eval_splits_are_refused_with_the_key(source):
@@ -35,3 +38,12 @@ def test_eval_splits_are_refused_with_the_key(source):
 def test_other_sources_pass(source):
     assert eval_only_split(source) is None
     refuse_eval_only(source, "sft.mixture.0.path")
+
+
+def test_a_symlink_to_eval_data_is_refused(tmp_path):
+    target = tmp_path / "evals" / "chat" / "gsm8k.jsonl"
+    target.parent.mkdir(parents=True)
+    target.write_text("{}\n")
+    link = tmp_path / "my_math.jsonl"
+    link.symlink_to(target)
+    assert eval_only_split(str(link)).task == "gsm8k"

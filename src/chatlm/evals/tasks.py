@@ -41,15 +41,23 @@ assert {s.task for s in SPLITS} >= set(CATEGORICAL + GENERATIVE)
 def eval_only_split(source: str) -> Optional[TaskSplit]:
     """The registered eval-only split a source names (a task name, or a path ending in one of
     the evaluators' files, or any file under an eval bundle's `core/eval_data/`), else None."""
+    name = source.strip().lower().replace("-", "_")
     for split in SPLITS:
-        if split.eval_only and source == split.task:
+        if split.eval_only and name == split.task:
             return split
-    path = Path(source).as_posix()
-    for split in SPLITS:
-        if split.eval_only and split.file and path.endswith(split.file):
-            return split
-    if "/core/eval_data/" in path or path.startswith("core/eval_data/"):
-        return TaskSplit(Path(path).stem, "eval", True, path)
+    # the path as written, and where it really is (a symlink to, or a `..` path into, eval data)
+    given = Path(source).expanduser()
+    paths = {given.as_posix()}
+    try:
+        paths.add(given.resolve().as_posix())
+    except (OSError, RuntimeError):
+        pass
+    for path in paths:
+        for split in SPLITS:
+            if split.eval_only and split.file and path.endswith(split.file):
+                return split
+        if "/core/eval_data/" in path or path.startswith("core/eval_data/"):
+            return TaskSplit(Path(path).stem, "eval", True, path)
     return None
 
 
