@@ -130,6 +130,16 @@ def test_generated_eval_slices_are_disjoint_from_training(tmp_path):
         assert len(task.eval_split()) == 50 and not train & {p.question for p in task.eval_split()}
 
 
+def test_arithmetic_eval_slice_leaves_out_what_the_shipped_sft_mixtures_train_on(tmp_path):
+    from chatlm.data.chat.generated import arithmetic
+
+    cfg = RLTaskConfig(name="arithmetic", kind="arithmetic", size=100, eval_size=500, seed=1000)
+    task = build_task(cfg, 0.0, str(tmp_path), eval_examples=500)
+    sft = {c["messages"][0]["content"] for c in arithmetic(4000, 42)}  # conf/mixture/offline.yaml's source
+    evaluation = {p.question for p in task.eval_split()}
+    assert 400 < len(evaluation) < 500 and not sft & evaluation  # 41 of the 500 were SFT questions
+
+
 def test_spelling_trains_off_spellingbees_words_and_is_scored_on_them(tmp_path):
     from chatlm.evals.chat import spelling_bee_items
 
