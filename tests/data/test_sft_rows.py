@@ -319,3 +319,24 @@ def test_sft_validation_scores_at_most_eval_tokens(tok, monkeypatch):
         evaluate = _val_bpb(cfg, SimpleNamespace(ctx=ctx), SimpleNamespace(tokenizer=tok), built, plan, val)
         evaluate()
         assert seen[-1] == batches and whole > 3
+
+
+def test_sft_plan_takes_the_largest_device_batch_that_divides_the_step():
+    """The quickstart's base steps on 4,096 tokens of 256-token rows; hardware=auto's CPU preset asks for
+    32 rows: SFT trains 16 rows at a time instead of refusing."""
+    from types import SimpleNamespace
+
+    from chatlm.training.sft import plan_sft
+
+    base = SimpleNamespace(model=SimpleNamespace(sequence_len=256), meta={"plan": {"total_batch_size": 4096}})
+    cfg = SimpleNamespace(hardware=SimpleNamespace(device_batch_size=32), total_batch_size=-1, steps=-1)
+    stats = SimpleNamespace(conversations=10, trained_tokens=100, truncated=0, dropped=0)
+    rendered = SimpleNamespace(stats=stats, lengths=np.array([200]))
+    plan = plan_sft(cfg, base, rendered, [[[0]] * 100], rank=0)  # type: ignore[arg-type]
+    assert (plan.device_batch_size, plan.grad_accum, plan.num_iterations) == (16, 1, 6)
+    cfg.total_batch_size = 3 * 256 * 5
+    plan = plan_sft(cfg, base, rendered, [[[0]] * 100], rank=0)  # type: ignore[arg-type]
+    assert (plan.device_batch_size, plan.grad_accum) == (15, 1)
+    cfg.total_batch_size = 1000
+    with pytest.raises(ConfigError, match="not a multiple of sequence_len"):
+        plan_sft(cfg, base, rendered, [[[0]] * 100], rank=0)  # type: ignore[arg-type]

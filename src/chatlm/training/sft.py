@@ -65,14 +65,24 @@ def plan_sft(cfg: SFTConfig, base: Base, rendered: Rendered, rows: list[list[lis
     total = cfg.total_batch_size
     if total == -1:
         total = int((base.meta.get("plan") or {}).get("total_batch_size") or B * T * W)
-    micro = B * T * W
-    if total % micro:
+    if total % (T * W):
         raise ConfigError(
             "total_batch_size",
-            f"{total:,} tokens per step is not a multiple of device_batch_size x sequence_len x world_size = "
-            f"{B} x {T} x {W} = {micro:,}; set total_batch_size or hardware.device_batch_size",
+            f"{total:,} tokens per step is not a multiple of sequence_len x world_size = {T} x {W} = {T * W:,}",
         )
-    accum = total // micro
+    fitting = max(b for b in range(1, B + 1) if total % (b * T * W) == 0)
+    if fitting != B:  # e.g. the base run's small step on a machine whose preset batch is larger
+        log.info(
+            "device batch %d rows (hardware.device_batch_size=%d does not divide the %s-token step into %d-token rows "
+            "on %d ranks)",
+            fitting,
+            B,
+            f"{total:,}",
+            T,
+            W,
+        )
+        B = fitting
+    accum = total // (B * T * W)
     fewest = min(len(r) for r in rows)
     steps = cfg.steps if cfg.steps > 0 else fewest // (B * accum)
     if steps < 1 or fewest < B:
