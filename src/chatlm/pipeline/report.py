@@ -113,7 +113,10 @@ def build_report(directory: Path) -> tuple[str, Path]:
     lines += [
         f"- directory: `{directory}`",
         f"- started: {record.get('first_started') or first.get('start_time', '')}",
-        f"- wall time of the stages: {_duration(total)}",
+        f"- wall time of the stages: {_duration(total)}"
+        + "".join(
+            f", setup {x['name']} {_duration(x.get('wall_s'))} ({x.get('status')})" for x in record.get("setup") or []
+        ),
         f"- hardware: {_hardware(hw, first)}",
         f"- git: {str(git.get('sha', ''))[:12]}{' (dirty)' if git.get('dirty') else ''}",
         f"- versions: chatlm {versions.get('chatlm', '?')}, torch {versions.get('torch', '?')}",
